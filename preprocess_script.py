@@ -1,0 +1,160 @@
+"""Driver: configuration -> every usable case on the fixed grid + manifest.csv.
+
+    python preprocess_script.py [--config FILE] [--set section.key=value ...]
+
+Reads [paths] raw_dir (SPIDER layout: images/, masks/, optional overview.csv) and writes
+preprocessed_dir/images/<case>.mha (float32 grid image), preprocessed_dir/masks/<case>.mha
+(uint8 class indices), preprocessed_dir/records/<case>.json (what makes a rerun skip the case)
+and preprocessed_dir/manifest.csv (one row per case, ok or skipped with the reason).
+When [paths] test_raw_dir is set, that labelled folder goes to preprocessed_dir/external_test/.
+With [data] synthetic_demo = true a missing raw_dir is filled with the synthetic demo set first.
+
+Exit status: 0 all cases ok, 3 some cases skipped (the summary says how many), 1 no usable case
+or a configuration error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from config import Config, ConfigError, PreprocessingConfig, driver_arguments, load_config
+from synthetic_spine import generate_dataset
+from vertebraeseg import atomic_write_text, discover_cases, preprocess_case, read_overview
+
+EXIT_SKIPPED = 3
+EXTERNAL_TEST = "external_test"
+
+
+def _single_threaded_worker() -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete half-written temporaries left by a killed run (they are never read)."""
+    if out_dir.is_dir():
+        for tmp in out_dir.rglob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
+def preprocess_dataset(
+    raw_dir: Path,
+    out_dir: Path,
+    sequences: tuple[str, ...],
+    settings: PreprocessingConfig,
+    lookup: dict[int, int],
+    require_masks: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Preprocess every case of raw_dir into out_dir, in parallel; write out_dir/manifest.csv.
+
+    Returns the manifest: one row per discovered case or problem file, status ok/skipped.
+    Up-to-date cases are reused, not recomputed. Raw files are only read.
+    """
+    cases, problems = discover_cases(raw_dir, sequences, require_masks)
+    remove_stale_temporaries(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = settings.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(cases)))
+    work = partial(preprocess_case, out_dir=out_dir, settings=settings, lookup=lookup)
+    rows = [
+        {"case_id": name, "status": "skipped", "reason": reason, "reused": False}
+        for name, reason in problems
+    ]
+    bar = tqdm(total=len(cases), desc="preprocess", unit="case", disable=not progress)
+    if workers == 1:
+        for files in cases:
+            rows.append(work(files))
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, context, _single_threaded_worker) as pool:
+            futures = {pool.submit(work, files): files for files in cases}
+            for future in as_completed(futures):
+                rows.append(future.result())
+                bar.update()
+    bar.close()
+    manifest = pd.DataFrame(rows).sort_values("case_id", kind="stable").reset_index(drop=True)
+    overview = read_overview(raw_dir)
+    if overview is not None:
+        known = set(overview["new_file_name"].astype(str))
+        manifest["in_overview"] = manifest["case_id"].isin(known)
+    atomic_write_text(manifest.to_csv(index=False), out_dir / "manifest.csv")
+    return manifest
+
+
+def ensure_raw_data(config: Config) -> None:
+    """Generate the synthetic demo set when configured so and missing; else demand raw_dir."""
+    raw_dir = config.paths.raw_dir
+    if raw_dir.exists():
+        return
+    if not config.data.synthetic_demo:
+        raise ConfigError(f"[paths] raw_dir = {raw_dir} does not exist")
+    print(
+        f"raw_dir {raw_dir} does not exist: generating the synthetic SPIDER-format demo set "
+        f"({config.data.demo_patients} patients, seed {config.data.demo_seed})"
+    )
+    generate_dataset(raw_dir, config.data.demo_patients, config.data.demo_seed)
+
+
+def summarise(manifest: pd.DataFrame, out_dir: Path) -> str:
+    ok = manifest[manifest["status"] == "ok"]
+    skipped = manifest[manifest["status"] != "ok"]
+    lines = [
+        f"{out_dir}: {len(ok)} cases ok ({int(ok['reused'].sum())} up to date, reused), "
+        f"{len(skipped)} skipped"
+    ]
+    lines += [f"  skipped {r.case_id}: {r.reason}" for r in skipped.itertuples()]
+    return "\n".join(lines)
+
+
+def run(config: Config, progress: bool = True) -> int:
+    """Preprocess raw_dir (and test_raw_dir); print the summary; return the exit status."""
+    ensure_raw_data(config)
+    if config.paths.test_raw_dir is not None and not config.paths.test_raw_dir.is_dir():
+        raise ConfigError(f"[paths] test_raw_dir = {config.paths.test_raw_dir} does not exist")
+    jobs = [(config.paths.raw_dir, config.paths.preprocessed_dir)]
+    if config.paths.test_raw_dir is not None:
+        jobs.append((config.paths.test_raw_dir, config.paths.preprocessed_dir / EXTERNAL_TEST))
+    status = 0
+    for raw_dir, out_dir in jobs:
+        manifest = preprocess_dataset(
+            raw_dir,
+            out_dir,
+            config.data.sequences,
+            config.preprocessing,
+            config.labels.lookup(),
+            progress=progress,
+        )
+        print(summarise(manifest, out_dir))
+        print(f"manifest: {out_dir / 'manifest.csv'}")
+        if (manifest["status"] == "ok").sum() == 0:
+            status = 1
+        elif (manifest["status"] != "ok").any() and status == 0:
+            status = EXIT_SKIPPED
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = driver_arguments(__doc__.splitlines()[0]).parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        return run(config)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished cases are kept; run again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Testing: predict on the grid, map back onto each scan, measure there, export masks and figures.
+
+Outputs in the run folder (output_dir):
+    predictions/<case>.mha   uint8 class indices, exactly the scan's size/spacing/origin/direction
+    test_metrics.csv         case_id, class, dice, hd95_mm, assd_mm (in the scan's geometry, mm)
+    test_summary.csv         class, n, dice_mean, dice_std, hd95_mm_mean, assd_mm_mean
+    figures/<case>.png       central sagittal slice: image | reference | prediction (worst cases)
+(pytest collects files named test_*.py: this module defines no test_* function on purpose.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from config import PreprocessingConfig
+from metrics import case_metrics
+from store_plot_metrics import plot_overlay, write_csv
+from unet_model import UNet3D
+from vertebraeseg import (
+    CANONICAL,
+    atomic_write_image,
+    grid_to_scan,
+    labels_to_scan,
+    map_labels,
+    read_scan,
+    to_grid,
+)
+
+
+def model_from_checkpoint(state: dict, device: torch.device) -> UNet3D:
+    """Rebuild the network from a checkpoint alone (its model_args and weights), in eval mode."""
+    model = UNet3D(**state["model_args"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def preprocessing_from_checkpoint(state: dict) -> PreprocessingConfig:
+    """The preprocessing settings the model was trained with (so new scans get the same grid)."""
+    values = dict(state["config"]["preprocessing"])
+    for key in ("grid", "clip_percentiles"):
+        values[key] = tuple(values[key])
+    return PreprocessingConfig(**values)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: UNet3D, grid_image: sitk.Image, device: torch.device
+) -> np.ndarray:
+    """Softmax probabilities (classes, slices, height, width) float32 for one grid image."""
+    array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
+    batch = torch.from_numpy(array)[None, None].to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        logits = model(batch)
+    return logits.float().softmax(dim=1)[0].cpu().numpy()
+
+
+def back_to_scan(
+    probabilities: np.ndarray, grid_image: sitk.Image, scan: sitk.Image, map_probabilities: bool
+) -> sitk.Image:
+    """Grid prediction -> uint8 class indices on the scan (probabilities or labels resampled)."""
+    if map_probabilities:
+        return grid_to_scan(probabilities, grid_image, scan)
+    grid_labels = sitk.GetImageFromArray(probabilities.argmax(0).astype(np.uint8))
+    grid_labels.CopyInformation(grid_image)
+    return labels_to_scan(grid_labels, scan)
+
+
+def segment_scan(
+    model: UNet3D,
+    scan: sitk.Image,
+    settings: PreprocessingConfig,
+    device: torch.device,
+    map_probabilities: bool = True,
+) -> sitk.Image:
+    """A scan without mask (any orientation) -> its uint8 class-index mask, same geometry."""
+    grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
+    probabilities = predict_probabilities(model, grid.image, device)
+    return back_to_scan(probabilities, grid.image, scan, map_probabilities)
+
+
+def summarise(metrics: pd.DataFrame, class_names: tuple[str, ...]) -> pd.DataFrame:
+    """Per class: n, dice mean/std, HD95 and ASSD means (NaN distances left out)."""
+    grouped = metrics.groupby("class", sort=False)
+    summary = pd.DataFrame(
+        {
+            "n": grouped["dice"].size(),
+            "dice_mean": grouped["dice"].mean(),
+            "dice_std": grouped["dice"].std(ddof=0),
+            "hd95_mm_mean": grouped["hd95_mm"].mean(),
+            "assd_mm_mean": grouped["assd_mm"].mean(),
+        }
+    )
+    order = [name for name in class_names[1:] if name in summary.index]
+    return summary.loc[order].rename_axis("class").reset_index()
+
+
+def evaluate_checkpoint(
+    state: dict,
+    cases: pd.DataFrame,
+    run_dir: Path,
+    lookup: dict[int, int],
+    device: torch.device,
+    map_probabilities: bool = True,
+    figures: int = 4,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Test a checkpoint on preprocessed, labelled cases (manifest rows: case_id, image_path,
+    mask_path, out_image). Writes predictions, test_metrics.csv, test_summary.csv and figures
+    of the `figures` cases with the lowest mean Dice. Returns (metrics, summary)."""
+    model = model_from_checkpoint(state, device)
+    class_names = tuple(state["class_names"])
+    rows, shown = [], []
+    for case in tqdm(cases.itertuples(), total=len(cases), desc="test", disable=not progress):
+        scan = read_scan(Path(case.image_path), "image")
+        raw_mask = read_scan(Path(case.mask_path), "mask")
+        reference = sitk.GetImageFromArray(map_labels(sitk.GetArrayFromImage(raw_mask), lookup))
+        reference.CopyInformation(scan)
+        grid_image = sitk.ReadImage(str(case.out_image))
+        probabilities = predict_probabilities(model, grid_image, device)
+        prediction = back_to_scan(probabilities, grid_image, scan, map_probabilities)
+        atomic_write_image(prediction, run_dir / "predictions" / f"{case.case_id}.mha")
+        case_rows = [
+            {"case_id": case.case_id, **row}
+            for row in case_metrics(prediction, reference, class_names)
+        ]
+        rows += case_rows
+        mean_dice = float(np.mean([row["dice"] for row in case_rows]))
+        shown.append((mean_dice, case.case_id, scan, reference, prediction))
+        shown = sorted(shown, key=lambda item: item[0])[:figures]  # keep only the worst
+    metrics = pd.DataFrame(rows, columns=["case_id", "class", "dice", "hd95_mm", "assd_mm"])
+    summary = summarise(metrics, class_names)
+    write_csv(metrics, run_dir / "test_metrics.csv")
+    write_csv(summary, run_dir / "test_summary.csv")
+    for mean_dice, case_id, scan, reference, prediction in shown:
+        arrays = [
+            sitk.GetArrayFromImage(sitk.DICOMOrient(image, CANONICAL))
+            for image in (scan, reference, prediction)
+        ]
+        plot_overlay(
+            *arrays,
+            title=f"{case_id}: mean Dice {mean_dice:.3f}",
+            path=run_dir / "figures" / f"{case_id}.png",
+        )
+    return metrics, summary

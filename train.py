@@ -1,0 +1,612 @@
+"""Training: patient-level split, dataset, augmentation, loss, train/validate loop, checkpoints.
+
+Tensors: images (batch, 1, slices, height, width) float32, masks (batch, slices, height, width)
+int64 class indices, as stored on the grid by preprocess_script.py (PIR numpy order).
+Runs single-process, or one process per GPU/CPU shard under torchrun (DistributedDataParallel):
+`Distributed.from_environment()` reads torchrun's variables; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.model_selection import GroupShuffleSplit
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from config import ModelConfig, TrainingConfig
+from metrics import confusion_matrix, scores_from_confusion
+from store_plot_metrics import plot_curves, write_csv
+from unet_model import UNet3D
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the epoch and batch."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Process-group facts: rank 0 of world 1 for a plain single-process run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_environment(cls, device_kind: str) -> Distributed:
+        """Join torchrun's process group (nccl on CUDA, gloo otherwise) when WORLD_SIZE > 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        return cls(dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> cuda (this rank's GPU), then mps, then cpu; or the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("[training] device = cuda, but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def configure_threads(threads: int, world_size: int) -> int:
+    """CPU threads per process: `threads`, or all cores shared among the local processes."""
+    count = threads or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(count)
+    return count
+
+
+def patient_split(
+    cases: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """case_id, patient_id, split (train/val/test): every series of a patient on one side.
+
+    Fractions are of patients. A non-zero fraction gets at least one patient; training keeps
+    at least one patient.
+    """
+    patients = np.array(sorted(cases["patient_id"].astype(str).unique()))
+    if len(patients) < 1:
+        raise ValueError("no cases to split")
+    split = pd.Series("train", index=patients)
+    remaining = patients
+    for name, fraction in (("test", test_fraction), ("val", val_fraction / (1 - test_fraction))):
+        if fraction <= 0 or len(remaining) < 2:
+            continue
+        count = min(len(remaining) - 1, max(1, round(fraction * len(remaining))))
+        splitter = GroupShuffleSplit(n_splits=1, test_size=count, random_state=seed)
+        keep, held = next(splitter.split(remaining, groups=remaining))
+        split[remaining[held]] = name
+        remaining = remaining[keep]
+    table = cases[["case_id", "patient_id"]].copy()
+    table["patient_id"] = table["patient_id"].astype(str)
+    table["split"] = table["patient_id"].map(split).to_numpy()
+    return table.sort_values("case_id").reset_index(drop=True)
+
+
+def load_or_make_split(
+    path: Path, cases: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Reuse run_dir/splits.csv when present (a repeated run keeps its split), else make it.
+
+    The caller writes a new split (only rank 0 writes files).
+    """
+    if path.is_file():
+        table = pd.read_csv(path, dtype={"case_id": str, "patient_id": str, "split": str})
+        missing = sorted(set(table["case_id"]) - set(cases["case_id"]))
+        if missing:
+            raise ValueError(
+                f"{path}: cases {missing[:5]} of the saved split are not in the manifest "
+                "(preprocessed data changed): use a new output_dir"
+            )
+        return table
+    return patient_split(cases, val_fraction, test_fraction, seed)
+
+
+def read_volume(path: str | Path, dtype: np.dtype) -> np.ndarray:
+    """A preprocessed grid file as a numpy array (slices, height, width)."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(dtype, copy=False)
+
+
+class VolumeDataset(Dataset):
+    """Preprocessed grid volumes. Indexed by a list of positions, returns a batch:
+    images (B, 1, D, H, W) float32 and masks (B, D, H, W) uint8.
+
+    cache_device: load everything once and keep it there (host memory, or the GPU), or None to
+    read the files at every access (datasets larger than memory).
+    """
+
+    def __init__(
+        self, image_paths: list[str], mask_paths: list[str], cache_device: torch.device | None
+    ) -> None:
+        self.image_paths = list(image_paths)
+        self.mask_paths = list(mask_paths)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cache_device is not None and self.image_paths:
+            images, masks = self._read(range(len(self.image_paths)))
+            self.cache = (images.to(cache_device), masks.to(cache_device))
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def _read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        images = np.stack([read_volume(self.image_paths[i], np.float32) for i in positions])
+        masks = np.stack([read_volume(self.mask_paths[i], np.uint8) for i in positions])
+        return torch.from_numpy(images)[:, None], torch.from_numpy(masks)
+
+    def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is None:
+            return self._read(positions)
+        index = torch.as_tensor(positions, device=self.cache[0].device)
+        return self.cache[0].index_select(0, index), self.cache[1].index_select(0, index)
+
+
+class ShardSampler(Sampler[int]):
+    """Positions rank, rank + world, ...: each rank evaluates its own part, none twice."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.positions = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+def make_loader(
+    dataset: VolumeDataset, sampler: Sampler, batch_size: int, workers: int
+) -> DataLoader:
+    """Batches of positions go to the dataset whole (one gather for a cached dataset)."""
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    cached = dataset.cache is not None
+    return DataLoader(
+        dataset, sampler=batches, batch_size=None, num_workers=0 if cached else workers
+    )
+
+
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random spatial + intensity augmentation of a batch, on its device.
+
+    Spatial: rotation in the sagittal plane (+-aug_rotation_deg), isotropic scaling
+    (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
+    flip. Images bilinear, masks nearest. Intensity: scale and shift (+-aug_intensity), gamma
+    (exp(+-aug_gamma)) on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise).
+    Random draws use torch's global generators (saved in checkpoints).
+    """
+    batch, device = images.shape[0], images.device
+    depth, height, width = images.shape[2:]
+    angle = (torch.rand(batch) * 2 - 1) * math.radians(settings.aug_rotation_deg)
+    zoom = 1 + (torch.rand(batch) * 2 - 1) * settings.aug_scale
+    flip = torch.ones(batch)
+    if settings.aug_flip_lr:
+        flip = torch.where(torch.rand(batch) < 0.5, -1.0, 1.0)
+    aspect = height / width  # normalised coordinates -> roughly physical in-plane ratio
+    theta = torch.zeros(batch, 3, 4)
+    theta[:, 0, 0] = torch.cos(angle) / zoom
+    theta[:, 0, 1] = -torch.sin(angle) * aspect / zoom
+    theta[:, 1, 0] = torch.sin(angle) / aspect / zoom
+    theta[:, 1, 1] = torch.cos(angle) / zoom
+    theta[:, 2, 2] = flip / zoom
+    grid = F.affine_grid(theta.to(device), [batch, 1, depth, height, width], align_corners=False)
+    images = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    masks = F.grid_sample(
+        masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[:, 0].to(masks.dtype)
+
+    shape = (batch, 1, 1, 1, 1)
+    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
+    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
+    gamma = torch.exp((torch.rand(shape) * 2 - 1) * settings.aug_gamma).to(device)
+    images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
+    gain = (1 + (torch.rand(shape) * 2 - 1) * settings.aug_intensity).to(device)
+    offset = ((torch.rand(shape) * 2 - 1) * settings.aug_intensity).to(device)
+    noise_std = (torch.rand(shape) * settings.aug_noise).to(device)
+    images = images * gain + offset + torch.randn_like(images) * noise_std
+    return images, masks
+
+
+class SegmentationLoss(nn.Module):
+    """ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice over foreground classes).
+
+    Soft Dice is computed per volume and averaged, so a batch split over ranks gives the same
+    loss as the whole batch in one process.
+    """
+
+    def __init__(self, num_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar."""
+        logits = logits.float()
+        loss = logits.new_zeros(())
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
+        if self.dice_weight:
+            probabilities = logits.softmax(dim=1)
+            one_hot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probabilities.dtype)
+            dims = (2, 3, 4)
+            overlap = (probabilities * one_hot).sum(dims)
+            total = probabilities.sum(dims) + one_hot.sum(dims)
+            dice = (2 * overlap + 1.0) / (total + 1.0)
+            loss = loss + self.dice_weight * (1 - dice[:, 1:].mean())
+        return loss
+
+
+def learning_rate_factor(epoch: int, epochs: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for an epoch: linear warm-up, then cosine or flat."""
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    if schedule == "none":
+        return 1.0
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class EpochTotals:
+    """Sums over one pass (on the device until `scores`): no per-batch host synchronisation."""
+
+    loss_sum: torch.Tensor
+    volumes: torch.Tensor
+    confusion: torch.Tensor
+    first_bad_batch: torch.Tensor  # -1: every loss finite
+
+    def scores(self, dist_info: Distributed) -> dict[str, object]:
+        packed = torch.cat(
+            [self.loss_sum.reshape(1), self.volumes.reshape(1), self.confusion.reshape(-1)]
+        ).double()
+        packed = dist_info.sum(packed).cpu().numpy()
+        bad = self.first_bad_batch.clone()
+        if dist_info.active:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        classes = self.confusion.shape[0]
+        scores = scores_from_confusion(packed[2:].reshape(classes, classes))
+        volumes = packed[1]
+        scores["loss"] = float(packed[0] / volumes) if volumes else math.nan
+        scores["first_bad_batch"] = int(bad.item())
+        return scores
+
+
+def run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: SegmentationLoss,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+    augmentation: TrainingConfig | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: str = "",
+) -> EpochTotals:
+    """One pass over `loader`: trains when an optimizer is given, else evaluates (no grad)."""
+    training = optimizer is not None
+    model.train(training)
+    classes = loss_fn.num_classes
+    totals = EpochTotals(
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros((), dtype=torch.float64, device=device),
+        torch.zeros(classes, classes, dtype=torch.int64, device=device),
+        torch.full((), -1, dtype=torch.int64, device=device),
+    )
+    with torch.set_grad_enabled(training):
+        bar = tqdm(loader, desc=progress, leave=False, disable=not progress, unit="batch")
+        for step, (images, masks) in enumerate(bar):
+            images = images.to(device, non_blocking=True)
+            masks = masks.to(device, non_blocking=True).long()
+            if augmentation is not None:
+                images, masks = augment_batch(images, masks, augmentation)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(images)
+            loss = loss_fn(logits, masks)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            finite = torch.isfinite(loss.detach())
+            totals.first_bad_batch = torch.where(
+                (totals.first_bad_batch < 0) & ~finite, step, totals.first_bad_batch
+            )
+            totals.loss_sum += torch.where(finite, loss.detach(), 0.0) * images.shape[0]
+            totals.volumes += images.shape[0]
+            totals.confusion += confusion_matrix(logits.detach().argmax(1), masks, classes)
+    return totals
+
+
+def build_model(model_args: dict, device: torch.device, channels_last: bool) -> UNet3D:
+    model = UNet3D(**model_args).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a kill never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {path} is refused: it is not a plain weights-only checkpoint "
+            f"of this project or it is damaged ({first[:200]})"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this project")
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _epoch_row(prefix: str, scores: dict, class_names: tuple[str, ...]) -> dict[str, float]:
+    dice = np.asarray(scores["dice"], dtype=float)
+    row = {
+        f"{prefix}_loss": scores["loss"],
+        f"{prefix}_accuracy": scores["accuracy"],
+        f"{prefix}_f1_macro": scores["f1_macro"],
+        f"{prefix}_dice_mean": float(np.nanmean(dice[1:])) if np.isfinite(dice[1:]).any() else 0.0,
+    }
+    row |= {f"{prefix}_dice_{name}": float(dice[i]) for i, name in enumerate(class_names) if i}
+    return row
+
+
+def fit(
+    train_rows: pd.DataFrame,
+    val_rows: pd.DataFrame,
+    run_dir: Path,
+    model_settings: ModelConfig,
+    settings: TrainingConfig,
+    class_names: tuple[str, ...],
+    config_record: dict,
+    dist_info: Distributed = Distributed(),
+    progress: bool = True,
+) -> Path:
+    """Train with AdamW; validate every epoch; keep checkpoints/best.pt and checkpoints/last.pt.
+
+    train_rows/val_rows: manifest rows with out_image/out_mask columns. Resumes from
+    checkpoints/last.pt when settings.resume is true and it exists. Writes (rank 0 only)
+    metrics_epochs.csv and the curves each epoch. Returns the path of the best checkpoint.
+    Raises NonFiniteLossError on a NaN/inf loss, keeping the last good checkpoint.
+    """
+    device = pick_device(settings.device, dist_info.local_rank)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = cuda
+    channels_last = settings.channels_last and cuda
+    amp_dtype = torch.bfloat16 if cuda else None
+    if settings.batch_size % dist_info.world_size:
+        raise ValueError(
+            f"[training] batch_size = {settings.batch_size} is not divisible by the "
+            f"{dist_info.world_size} processes"
+        )
+    per_rank_batch = settings.batch_size // dist_info.world_size
+    torch.manual_seed(settings.seed + dist_info.rank)
+
+    cache_device = device if (settings.cache_on_device and cuda) else torch.device("cpu")
+    train_set = VolumeDataset(
+        list(train_rows["out_image"]), list(train_rows["out_mask"]), cache_device
+    )
+    val_set = VolumeDataset(list(val_rows["out_image"]), list(val_rows["out_mask"]), cache_device)
+    if len(train_set) == 0:
+        raise ValueError("the split leaves no training case")
+    train_sampler = DistributedSampler(
+        train_set, dist_info.world_size, dist_info.rank, shuffle=True, seed=settings.seed
+    )
+    train_loader = make_loader(train_set, train_sampler, per_rank_batch, settings.loader_workers)
+    val_loader = make_loader(
+        val_set,
+        ShardSampler(len(val_set), dist_info.rank, dist_info.world_size),
+        per_rank_batch,
+        settings.loader_workers,
+    )
+
+    model_args = {
+        "in_channels": 1,
+        "num_classes": len(class_names),
+        "base_channels": model_settings.base_channels,
+        "depth": model_settings.depth,
+        "norm": model_settings.norm,
+    }
+    model = build_model(model_args, device, channels_last)
+    if dist_info.active and model_settings.norm == "batch":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        fused=cuda,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda epoch: learning_rate_factor(
+            epoch, settings.epochs, settings.warmup_epochs, settings.scheduler
+        ),
+    )
+    checkpoints = run_dir / "checkpoints"
+    best_path, last_path = checkpoints / "best.pt", checkpoints / "last.pt"
+    history: list[dict] = []
+    best_score, start_epoch = -math.inf, 1
+    if settings.resume and last_path.is_file():
+        state = load_checkpoint(last_path, device)
+        if state["model_args"] != model_args or tuple(state["class_names"]) != class_names:
+            raise ValueError(
+                f"{last_path}: model {state['model_args']} / classes {state['class_names']} "
+                "differ from the configuration: use a new output_dir or training.overwrite"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+        history, best_score = list(state["history"]), state["best_score"]
+        start_epoch = state["epoch"] + 1
+        if dist_info.is_main:
+            tqdm.write(f"resuming {run_dir} after epoch {state['epoch']}")
+    if start_epoch > settings.epochs:
+        return best_path
+
+    network: nn.Module = model
+    if dist_info.active:
+        network = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if settings.compile:
+        network = torch.compile(network)
+    loss_fn = SegmentationLoss(len(class_names), settings.ce_weight, settings.dice_weight)
+    show = progress and dist_info.is_main
+    epochs = tqdm(
+        range(start_epoch, settings.epochs + 1),
+        desc="epochs",
+        initial=start_epoch - 1,
+        total=settings.epochs,
+        disable=not show,
+    )
+    for epoch in epochs:
+        started = time.perf_counter()
+        train_sampler.set_epoch(epoch)
+        train_totals = run_epoch(
+            network,
+            train_loader,
+            loss_fn,
+            device,
+            optimizer,
+            settings if settings.augment else None,
+            amp_dtype,
+            channels_last,
+            f"train {epoch}" if show else "",
+        )
+        train_scores = train_totals.scores(dist_info)
+        if train_scores["first_bad_batch"] >= 0:
+            raise NonFiniteLossError(
+                f"non-finite training loss in epoch {epoch}, batch "
+                f"{train_scores['first_bad_batch']}: stopped; the last good checkpoint "
+                f"{last_path} is kept"
+            )
+        row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        scheduler.step()
+        row |= _epoch_row("train", train_scores, class_names)
+        if len(val_set):
+            val_totals = run_epoch(
+                network,
+                val_loader,
+                loss_fn,
+                device,
+                None,
+                None,
+                amp_dtype,
+                channels_last,
+                f"val {epoch}" if show else "",
+            )
+            row |= _epoch_row("val", val_totals.scores(dist_info), class_names)
+        seconds = time.perf_counter() - started
+        row |= {"seconds": seconds, "train_volumes_per_s": len(train_set) / seconds}
+        history.append(row)
+        score = row.get("val_dice_mean", row["train_dice_mean"])
+        improved = score > best_score or not len(val_set)
+        best_score = max(best_score, score)
+        rng_states = [_rng_state()]
+        if dist_info.active:
+            rng_states = [None] * dist_info.world_size
+            dist.all_gather_object(rng_states, _rng_state())
+        if dist_info.is_main:
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "model_args": model_args,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_score": best_score,
+                "history": history,
+                "rng": rng_states,
+                "class_names": list(class_names),
+                "config": config_record,
+            }
+            if improved:
+                save_checkpoint(state, best_path)
+            save_checkpoint(state, last_path)
+            table = pd.DataFrame(history)
+            write_csv(table, run_dir / "metrics_epochs.csv")
+            plot_curves(table, run_dir)
+            val_text = (
+                f" val loss {row['val_loss']:.4f} dice {row['val_dice_mean']:.3f}"
+                if len(val_set)
+                else ""
+            )
+            tqdm.write(
+                f"epoch {epoch}/{settings.epochs} train loss {row['train_loss']:.4f} "
+                f"dice {row['train_dice_mean']:.3f}{val_text} ({seconds:.1f} s)"
+            )
+        dist_info.barrier()
+    return best_path

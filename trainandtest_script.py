@@ -1,0 +1,208 @@
+"""Driver: configuration -> patient-level split -> train -> test -> printed summary.
+
+    python trainandtest_script.py [--config FILE] [--set section.key=value ...]
+    torchrun --nproc_per_node N trainandtest_script.py [...]      (DistributedDataParallel)
+
+Reads preprocessed_dir/manifest.csv (run preprocess_script.py first) and writes the run folder
+[paths] output_dir: run_config.json, splits.csv, checkpoints/{best,last}.pt,
+metrics_epochs.csv, loss/accuracy/f1/dice.png, predictions/, test_metrics.csv,
+test_summary.csv, figures/. Rerunning the same command resumes an interrupted run.
+Exit status: 0 done, 1 error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from config import Config, ConfigError, driver_arguments, load_config
+from preprocess_script import EXTERNAL_TEST, preprocess_dataset
+from store_plot_metrics import write_csv
+from test_unet import evaluate_checkpoint
+from train import (
+    Distributed,
+    NonFiniteLossError,
+    configure_threads,
+    fit,
+    load_checkpoint,
+    load_or_make_split,
+    pick_device,
+)
+from vertebraeseg import atomic_write_text
+
+RUN_RECORD = "run_config.json"
+MUST_MATCH = ("data", "labels", "preprocessing", "model")  # sections a resumed run may not change
+
+
+def read_manifest(preprocessed_dir: Path) -> pd.DataFrame:
+    """The usable (status ok) rows of preprocessed_dir/manifest.csv."""
+    path = preprocessed_dir / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run preprocess_script.py first")
+    manifest = pd.read_csv(path, dtype={"case_id": str, "patient_id": str}, keep_default_na=False)
+    usable = manifest[manifest["status"] == "ok"].reset_index(drop=True)
+    if usable.empty:
+        raise ValueError(f"{path} lists no usable case")
+    return usable
+
+
+def prepare_run_dir(run_dir: Path, record: dict, resume: bool, overwrite: bool) -> None:
+    """Make sure run_dir may be used, before anything is written (rank 0 only).
+
+    A run folder of this project with the same data/labels/preprocessing/model settings is
+    continued (resume); anything else is refused unless overwrite is set, and overwrite only
+    ever deletes a folder that holds this project's run record.
+    """
+    marker = run_dir / RUN_RECORD
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not marker.is_file():
+            raise FileExistsError(
+                f"[paths] output_dir = {run_dir} exists and is not a run folder of this "
+                "project: choose another output_dir"
+            )
+        if overwrite:
+            shutil.rmtree(run_dir)
+        else:
+            previous = json.loads(marker.read_text(encoding="utf-8"))
+            changed = [
+                f"[{section}] {key}"
+                for section in MUST_MATCH
+                for key in sorted(set(previous.get(section, {})) | set(record[section]))
+                if previous.get(section, {}).get(key) != record[section].get(key)
+            ]
+            if changed:
+                raise FileExistsError(
+                    f"{run_dir} holds a run made with other settings ({', '.join(changed)}): "
+                    "choose another output_dir, or set training.overwrite=true to replace it"
+                )
+            if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
+                raise FileExistsError(
+                    f"{run_dir} holds a trained run and training.resume is false: choose "
+                    "another output_dir, or set training.overwrite=true to replace it"
+                )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(record, indent=2), marker)
+
+
+def select_test_cases(config: Config, split: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The split's test part, or the external labelled set ([paths] test_raw_dir) preprocessed
+    with the same settings into preprocessed_dir/external_test."""
+    if config.paths.test_raw_dir is None:
+        names = split.loc[split["split"] == "test", "case_id"]
+        return manifest[manifest["case_id"].isin(names)]
+    external = preprocess_dataset(
+        config.paths.test_raw_dir,
+        config.paths.preprocessed_dir / EXTERNAL_TEST,
+        config.data.sequences,
+        config.preprocessing,
+        config.labels.lookup(),
+    )
+    for row in external[external["status"] != "ok"].itertuples():
+        print(f"external test case {row.case_id} skipped: {row.reason}")
+    return external[external["status"] == "ok"]
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    lines = [f"{'class':<24}{'n':>4}{'Dice':>8}{'HD95 mm':>10}{'ASSD mm':>10}"]
+    for row in summary.itertuples():
+        lines.append(
+            f"{row[1]:<24}{row.n:>4}{row.dice_mean:>8.3f}{row.hd95_mm_mean:>10.2f}"
+            f"{row.assd_mm_mean:>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def run(config: Config, progress: bool = True) -> int:
+    """Split, train (possibly distributed), test on rank 0; print where everything is."""
+    t = config.training
+    os.environ.setdefault("LOCAL_RANK", "0")
+    device_kind = pick_device(t.device, int(os.environ["LOCAL_RANK"])).type
+    dist_info = Distributed.from_environment(device_kind)
+    try:
+        configure_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size)))
+        run_dir = config.paths.output_dir
+        record = config.as_dict()
+        manifest = read_manifest(config.paths.preprocessed_dir)
+        if config.paths.test_raw_dir is not None:
+            fractions = (t.val_fraction, 0.0)  # the external folder is the test set
+        else:
+            fractions = (t.val_fraction, t.test_fraction)
+        if dist_info.is_main:
+            prepare_run_dir(run_dir, record, t.resume, t.overwrite)
+            split = load_or_make_split(run_dir / "splits.csv", manifest, *fractions, t.split_seed)
+            write_csv(split, run_dir / "splits.csv")
+        dist_info.barrier()
+        split = load_or_make_split(run_dir / "splits.csv", manifest, *fractions, t.split_seed)
+        parts = {
+            name: manifest[manifest["case_id"].isin(split.loc[split["split"] == name, "case_id"])]
+            for name in ("train", "val")
+        }
+        if dist_info.is_main:
+            counts = split.groupby("split")["patient_id"].nunique().to_dict()
+            print(f"patients per split: {counts}; run folder {run_dir}")
+        best = fit(
+            parts["train"],
+            parts["val"],
+            run_dir,
+            config.model,
+            t,
+            config.labels.class_names,
+            record,
+            dist_info,
+            progress,
+        )
+    finally:
+        dist_info.close()
+    if not dist_info.is_main:
+        return 0
+    cases = select_test_cases(config, split, manifest)
+    if cases.empty:
+        print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
+        return 0
+    path = best if config.testing.checkpoint == "best" else best.with_name("last.pt")
+    state = load_checkpoint(path)
+    _, summary = evaluate_checkpoint(
+        state,
+        cases,
+        run_dir,
+        config.labels.lookup(),
+        pick_device(t.device),
+        config.testing.map_probabilities,
+        config.testing.figures,
+        progress,
+    )
+    print(f"test on {len(cases)} cases with {path.name} (in each scan's own geometry):")
+    print(format_summary(summary))
+    print(
+        f"outputs: {run_dir}/test_summary.csv, test_metrics.csv, predictions/, figures/, "
+        "metrics_epochs.csv, *.png, checkpoints/"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = driver_arguments(__doc__.splitlines()[0]).parse_args(argv)
+    try:
+        return run(load_config(args.config, args.overrides))
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted: the last finished epoch is saved in checkpoints/last.pt; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

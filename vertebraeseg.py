@@ -1,0 +1,494 @@
+"""Preprocessing library: SPIDER-layout scans -> one fixed grid, and the way back.
+
+Pipeline for one case (every step a function of explicit arguments):
+    read + validate -> reorient to PIR -> map raw labels to class indices -> normalise
+    -> crop image AND mask with one box -> resample to the grid.
+The grid is a SimpleITK image in PIR orientation whose origin/spacing/direction describe the
+crop's physical extent: sitk size (x=width A-P, y=height S-I, z=sagittal slices), numpy array
+(slices, height, width). A prediction on the grid goes back onto the scan with one resample
+(`grid_to_scan`), using the scan itself as reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from config import PreprocessingConfig
+
+CANONICAL = "PIR"
+IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
+NAME_PATTERN = re.compile(r"(?P<patient>[A-Za-z0-9-]+)_(?P<sequence>[A-Za-z0-9_]+)")
+GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x spacing)
+PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
+
+
+class CaseError(ValueError):
+    """A case that cannot be used; the message is the one-line reason recorded in the manifest."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    case_id: str  # "<patient>_<sequence>", e.g. "12_t2"
+    patient_id: str
+    sequence: str
+    image_path: Path
+    mask_path: Path | None
+
+
+@dataclass(frozen=True)
+class GridCase:
+    """One case on the grid: float32 image and uint8 class-index mask (None without labels)."""
+
+    image: sitk.Image
+    mask: sitk.Image | None
+    crop_index: tuple[int, int, int]  # in the PIR-reoriented scan, (x, y, z)
+    crop_size: tuple[int, int, int]
+    crop_widened: bool  # the body box was widened so that no labelled voxel is cut
+
+
+def split_suffix(name: str) -> tuple[str, str] | None:
+    """'1_t1.nii.gz' -> ('1_t1', '.nii.gz'); None for a file that is not an image."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def discover_cases(
+    raw_dir: Path, sequences: tuple[str, ...], require_masks: bool = True
+) -> tuple[list[CaseFiles], list[tuple[str, str]]]:
+    """Pair raw_dir/images/<patient>_<seq>.<ext> with raw_dir/masks/ by name.
+
+    Returns (cases, problems): problems are (name, reason) for files that cannot form a case
+    (bad name, unselected sequence, duplicate case id, image without mask, mask without image).
+    Files that are not images (csv, txt, ...) are ignored.
+    """
+    raw_dir = Path(raw_dir)
+    if not (raw_dir / "images").is_dir():
+        raise FileNotFoundError(f"{raw_dir}: no images/ folder (expected SPIDER layout)")
+    problems: list[tuple[str, str]] = []
+
+    def index(folder: Path) -> dict[str, Path]:
+        found: dict[str, list[Path]] = {}
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                parts = split_suffix(path.name)
+                if parts is not None and path.is_file():
+                    found.setdefault(parts[0], []).append(path)
+        unique = {}
+        for stem, paths in found.items():
+            if len(paths) > 1:
+                names = " and ".join(p.name for p in paths)
+                problems.append((f"{folder.name}/{stem}", f"duplicate case id: {names}"))
+            else:
+                unique[stem] = paths[0]
+        return unique
+
+    images = index(raw_dir / "images")
+    masks = index(raw_dir / "masks")
+    cases = []
+    for stem, image_path in images.items():
+        match = NAME_PATTERN.fullmatch(stem)
+        if not match:
+            problems.append((stem, f"file name {image_path.name} does not match <patient>_<seq>"))
+            continue
+        if match["sequence"] not in sequences:
+            problems.append((stem, f"sequence {match['sequence']!r} not in [data] sequences"))
+            continue
+        mask_path = masks.get(stem)
+        if mask_path is None and require_masks:
+            problems.append((stem, f"image {image_path.name} has no mask in masks/"))
+            continue
+        cases.append(CaseFiles(stem, match["patient"], match["sequence"], image_path, mask_path))
+    for stem, mask_path in masks.items():
+        if stem not in images and not any(stem in p[0] for p in problems):
+            problems.append((stem, f"mask {mask_path.name} has no image in images/"))
+    return cases, problems
+
+
+def read_overview(raw_dir: Path) -> pd.DataFrame | None:
+    """raw_dir/overview.csv (one row per series, key new_file_name), or None when absent."""
+    path = Path(raw_dir) / "overview.csv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    if "new_file_name" not in table.columns:
+        raise ValueError(f"{path}: no new_file_name column (SPIDER overview layout)")
+    return table
+
+
+def read_scan(path: Path, what: str = "image") -> sitk.Image:
+    """Read one 3-D scalar image; CaseError names the file and the problem."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = next((line for line in first if "ERROR" in line or "error" in line), "")
+        raise CaseError(f"{what} {path.name} is unreadable ({detail.strip()[:160]})") from None
+    if image.GetDimension() != 3:
+        raise CaseError(f"{what} {path.name} is {image.GetDimension()}-D, expected 3-D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(
+            f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} components per "
+            "pixel (vector/RGB), expected a scalar image"
+        )
+    return image
+
+
+def check_same_geometry(image: sitk.Image, mask: sitk.Image) -> None:
+    """Raise CaseError unless image and mask share size, spacing, origin and direction."""
+    if image.GetSize() != mask.GetSize():
+        raise CaseError(f"image size {image.GetSize()} != mask size {mask.GetSize()}")
+    spacing_i, spacing_m = np.array(image.GetSpacing()), np.array(mask.GetSpacing())
+    if not np.allclose(spacing_i, spacing_m, rtol=GEOMETRY_TOLERANCE):
+        raise CaseError(f"image spacing {tuple(spacing_i)} != mask spacing {tuple(spacing_m)}")
+    origin_gap = np.abs(np.array(image.GetOrigin()) - np.array(mask.GetOrigin())).max()
+    if origin_gap > GEOMETRY_TOLERANCE * spacing_i.max() * 100:
+        raise CaseError(f"image origin {image.GetOrigin()} != mask origin {mask.GetOrigin()}")
+    if not np.allclose(image.GetDirection(), mask.GetDirection(), atol=GEOMETRY_TOLERANCE):
+        raise CaseError("image and mask directions differ")
+
+
+def map_labels(mask: np.ndarray, lookup: dict[int, int]) -> np.ndarray:
+    """Raw mask values -> class indices (uint8), one fixed index per value for every case.
+
+    Raises CaseError listing the raw values that the label map does not name.
+    """
+    values = np.unique(mask)
+    unknown = [int(v) for v in values if int(v) not in lookup]
+    if unknown:
+        raise CaseError(f"mask values {unknown[:10]} are not in the [labels] map")
+    table = np.zeros(int(values.max()) + 1, dtype=np.uint8)
+    for raw, index in lookup.items():
+        if raw <= values.max():
+            table[raw] = index
+    return table[mask.astype(np.int64)]
+
+
+def normalise(
+    image: sitk.Image, method: str, clip_percentiles: tuple[float, float], padding_value: float
+) -> sitk.Image:
+    """Float32 intensities normalised over the body; geometry copied.
+
+    Padding (values <= padding_value) is excluded from all statistics. Intensities are clipped
+    at the given percentiles of the non-padding voxels (removes saturation); the mean/std
+    (zscore) are taken over the body (above an Otsu threshold, so air does not count);
+    minmax maps the clip range to 0..1. Padding voxels get the low clip value.
+    """
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    if not np.isfinite(array).all():
+        raise CaseError(f"image holds {int((~np.isfinite(array)).sum())} NaN/inf intensities")
+    valid = array > padding_value
+    if not valid.any():
+        raise CaseError(f"every voxel is padding (<= {padding_value})")
+    low, high = np.percentile(array[valid], clip_percentiles)
+    if high <= low:
+        raise CaseError(f"image is constant (intensity {low:g}) over its non-padding voxels")
+    array = np.clip(array, low, high)
+    array[~valid] = low
+    if method == "minmax":
+        out = (array - low) / (high - low)
+    else:
+        body = array[valid]
+        body = body[body > _otsu_threshold(body)]
+        mean, std = float(body.mean()), float(body.std())
+        out = (array - mean) / max(std, 1e-6)
+    result = sitk.GetImageFromArray(out.astype(np.float32))
+    result.CopyInformation(image)
+    return result
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (sitk's filter works on images, this on a voxel set)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight0 = np.cumsum(hist)
+    weight1 = weight0[-1] - weight0
+    cum_mean = np.cumsum(hist * centres)
+    mean0 = cum_mean / np.maximum(weight0, 1)
+    mean1 = (cum_mean[-1] - cum_mean) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def body_mask(
+    image: sitk.Image, closing_radius_mm: float, resolution_mm: float = 2.0
+) -> sitk.Image:
+    """Largest connected component of an Otsu foreground after morphological closing (uint8).
+
+    Computed on a copy resampled to at least `resolution_mm` per axis (the body is large, and
+    closing at full resolution costs seconds): the result has that coarse geometry.
+    """
+    spacing = np.array(image.GetSpacing())
+    extent = np.array(image.GetSize()) * spacing
+    coarse_size = np.maximum(1, np.round(extent / np.maximum(spacing, resolution_mm))).astype(int)
+    coarse = resample_to_grid(image, tuple(int(v) for v in coarse_size[[1, 0, 2]]), sitk.sitkLinear)
+    foreground = sitk.OtsuThreshold(coarse, 0, 1, 256)
+    radius = [max(0, round(closing_radius_mm / s)) for s in coarse.GetSpacing()]
+    if any(radius):
+        foreground = sitk.BinaryMorphologicalClosing(foreground, radius, sitk.sitkBall, 1)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(foreground), sortByObjectSize=True)
+    return sitk.Cast(components == 1, sitk.sitkUInt8)
+
+
+def bounding_box(array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(start, stop) in numpy (z, y, x) order of the non-zero voxels, or None when all zero."""
+    nonzero = np.nonzero(array)
+    if nonzero[0].size == 0:
+        return None
+    return np.array([a.min() for a in nonzero]), np.array([a.max() + 1 for a in nonzero])
+
+
+def crop_box(
+    image: sitk.Image, body: sitk.Image, labels: np.ndarray | None, margin_mm: float
+) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+    """Crop box of `image` (sitk index, size; x,y,z order) around the body plus a margin in mm.
+
+    body: a mask of the same physical space in any sampling (see body_mask). With labels
+    (numpy z,y,x class indices on image's grid) the box is widened to hold every labelled
+    voxel; the flag says whether that happened.
+    """
+    box = bounding_box(sitk.GetArrayViewFromImage(body))
+    if box is None:
+        raise CaseError("crop would be empty: no foreground above the Otsu threshold")
+    corners = []
+    for corner in (box[0][::-1] - 0.5, box[1][::-1] - 0.5):  # outer voxel edges, x,y,z
+        point = body.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+        corners.append(image.TransformPhysicalPointToContinuousIndex(point))
+    low, high = np.minimum(*corners), np.maximum(*corners)
+    spacing = np.array(image.GetSpacing())
+    margin = np.round(margin_mm / spacing)
+    size = np.array(image.GetSize())
+    start = np.clip(np.floor(low + 0.5) - margin, 0, size).astype(int)
+    stop = np.clip(np.ceil(high + 0.5) + margin, 0, size).astype(int)
+    widened = False
+    if labels is not None:
+        label_box = bounding_box(labels)
+        if label_box is not None:
+            label_start, label_stop = label_box[0][::-1], label_box[1][::-1]
+            widened = bool((label_start < start).any() or (label_stop > stop).any())
+            start, stop = np.minimum(start, label_start), np.maximum(stop, label_stop)
+    if (stop <= start).any():
+        raise CaseError("crop would be empty: the body box lies outside the image")
+    index = tuple(int(v) for v in start)
+    extent = tuple(int(v) for v in stop - start)
+    return index, extent, widened  # type: ignore[return-value]
+
+
+def grid_geometry(
+    region: sitk.Image, grid: tuple[int, int, int]
+) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+    """Size, spacing and origin of a grid covering `region`'s physical extent exactly.
+
+    grid: (height S-I, width A-P, slices) -> sitk size (x=width, y=height, z=slices) for PIR.
+    The grid's outer voxel edges coincide with the region's outer voxel edges.
+    """
+    height, width, slices = grid
+    size = (width, height, slices)
+    old_size = np.array(region.GetSize(), dtype=float)
+    old_spacing = np.array(region.GetSpacing())
+    spacing = old_size * old_spacing / np.array(size)
+    direction = np.array(region.GetDirection()).reshape(3, 3)
+    shift = direction @ ((spacing - old_spacing) / 2)
+    origin = np.array(region.GetOrigin()) + shift
+    return size, tuple(spacing.tolist()), tuple(origin.tolist())
+
+
+def resample_to_grid(
+    image: sitk.Image, grid: tuple[int, int, int], interpolator: int, default: float = 0.0
+) -> sitk.Image:
+    """Resample `image` onto the grid that covers its own physical extent."""
+    size, spacing, origin = grid_geometry(image, grid)
+    return sitk.Resample(
+        image,
+        size,
+        sitk.Transform(),
+        interpolator,
+        origin,
+        spacing,
+        image.GetDirection(),
+        default,
+        image.GetPixelID(),
+    )
+
+
+def to_grid(
+    image: sitk.Image,
+    labels: sitk.Image | None,
+    settings: PreprocessingConfig,
+) -> GridCase:
+    """Reoriented (PIR) image [+ class-index mask] -> GridCase on settings.grid.
+
+    image: float or integer scalar image in CANONICAL orientation; labels: uint8 class indices
+    with the same geometry, or None (then the box comes from the body alone).
+    """
+    normalised = normalise(
+        image, settings.normalisation, settings.clip_percentiles, settings.padding_value
+    )
+    if settings.crop:
+        body = body_mask(normalised, settings.closing_radius_mm)
+        label_array = None if labels is None else sitk.GetArrayViewFromImage(labels)
+        index, size, widened = crop_box(normalised, body, label_array, settings.crop_margin_mm)
+    else:
+        index, size, widened = (0, 0, 0), image.GetSize(), False
+    region = sitk.RegionOfInterest(normalised, size, index)
+    interpolator = (
+        sitk.sitkBSpline if settings.image_interpolation == "bspline" else sitk.sitkLinear
+    )
+    low = float(sitk.GetArrayViewFromImage(normalised).min())
+    grid_image = resample_to_grid(region, settings.grid, interpolator, default=low)
+    grid_mask = None
+    if labels is not None:
+        mask_region = sitk.RegionOfInterest(labels, size, index)
+        grid_mask = resample_to_grid(mask_region, settings.grid, sitk.sitkNearestNeighbor)
+    return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened)
+
+
+def load_case(
+    files: CaseFiles, lookup: dict[int, int]
+) -> tuple[sitk.Image, sitk.Image | None, sitk.Image | None]:
+    """Read + validate a case. Returns (original scan, PIR image, PIR class-index mask or None)."""
+    scan = read_scan(files.image_path, "image")
+    labels = None
+    if files.mask_path is not None:
+        raw_mask = read_scan(files.mask_path, "mask")
+        check_same_geometry(scan, raw_mask)
+        mask_array = sitk.GetArrayFromImage(raw_mask)
+        if not mask_array.any():
+            raise CaseError(f"mask {files.mask_path.name} is empty (all background)")
+        labels = sitk.GetImageFromArray(map_labels(mask_array, lookup))
+        labels.CopyInformation(raw_mask)
+        labels = sitk.DICOMOrient(labels, CANONICAL)
+    return scan, sitk.DICOMOrient(scan, CANONICAL), labels
+
+
+def grid_to_scan(
+    probabilities: np.ndarray, grid_reference: sitk.Image, scan: sitk.Image
+) -> sitk.Image:
+    """Class probabilities on the grid -> uint8 class-index mask in the scan's own geometry.
+
+    probabilities: float array (classes, slices, height, width) = (C, z, y, x) of the grid;
+    grid_reference: the grid image (its origin/spacing/direction); scan: the original scan
+    (any orientation). Each class map is resampled linearly onto the scan (outside the crop:
+    background), then the arg-max is taken: one resample per class, no label mixing.
+    """
+    best = np.full(scan.GetSize()[::-1], -1.0, dtype=np.float32)
+    labels = np.zeros(scan.GetSize()[::-1], dtype=np.uint8)
+    for index, channel in enumerate(probabilities):
+        grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
+        grid_map.CopyInformation(grid_reference)
+        outside = 1.0 if index == 0 else 0.0
+        on_scan = sitk.GetArrayViewFromImage(
+            sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
+        )
+        better = on_scan > best
+        best[better] = on_scan[better]
+        labels[better] = index
+    result = sitk.GetImageFromArray(labels)
+    result.CopyInformation(scan)
+    return result
+
+
+def labels_to_scan(grid_labels: sitk.Image, scan: sitk.Image) -> sitk.Image:
+    """Class indices on the grid -> the scan's geometry by nearest neighbour (uint8)."""
+    return sitk.Resample(grid_labels, scan, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+
+
+def atomic_write_image(image: sitk.Image, path: Path, compress: bool = True) -> None:
+    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
+    sitk.WriteImage(image, str(tmp), compress)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Text counterpart of atomic_write_image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def case_key(files: CaseFiles, settings: PreprocessingConfig, lookup: dict[int, int]) -> str:
+    """Hash of everything a preprocessed case depends on: inputs (size, mtime) and settings."""
+    used = {k: v for k, v in settings.__dict__.items() if k != "workers"}  # workers: same output
+    parts: list[object] = [PREPROCESSING_VERSION, repr(used), sorted(lookup.items())]
+    for path in (files.image_path, files.mask_path):
+        if path is not None:
+            stat = path.stat()
+            parts += [str(path), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _vector(values) -> str:
+    return " ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def preprocess_case(
+    files: CaseFiles,
+    out_dir: Path,
+    settings: PreprocessingConfig,
+    lookup: dict[int, int],
+) -> dict[str, object]:
+    """Preprocess one case into out_dir/images and out_dir/masks; return its manifest row.
+
+    Reuses the outputs of an earlier run when its record (out_dir/records/<case>.json) has
+    the same key. Never raises for a bad case: the row has status "skipped" and the reason.
+    """
+    row: dict[str, object] = {
+        "case_id": files.case_id,
+        "patient_id": files.patient_id,
+        "sequence": files.sequence,
+        "status": "skipped",
+        "reason": "",
+        "image_path": str(files.image_path),
+        "mask_path": "" if files.mask_path is None else str(files.mask_path),
+    }
+    out_image = out_dir / "images" / f"{files.case_id}.mha"
+    out_mask = out_dir / "masks" / f"{files.case_id}.mha"
+    record = out_dir / "records" / f"{files.case_id}.json"
+    try:
+        key = case_key(files, settings, lookup)
+        if record.is_file() and out_image.is_file():
+            previous = json.loads(record.read_text(encoding="utf-8"))
+            has_mask = files.mask_path is None or out_mask.is_file()
+            if previous.get("key") == key and has_mask:
+                return previous["row"] | {"reused": True}
+        scan, image, labels = load_case(files, lookup)
+        grid = to_grid(image, labels, settings)
+        atomic_write_image(grid.image, out_image)
+        if grid.mask is not None:
+            atomic_write_image(grid.mask, out_mask)
+        present = [] if labels is None else np.unique(sitk.GetArrayViewFromImage(labels))
+        row |= {
+            "status": "ok",
+            "out_image": str(out_image),
+            "out_mask": "" if grid.mask is None else str(out_mask),
+            "original_size": _vector(scan.GetSize()),
+            "original_spacing": _vector(scan.GetSpacing()),
+            "original_origin": _vector(scan.GetOrigin()),
+            "original_direction": _vector(scan.GetDirection()),
+            "orientation": sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+                scan.GetDirection()
+            ),
+            "crop_index": _vector(grid.crop_index),
+            "crop_size": _vector(grid.crop_size),
+            "crop_widened": grid.crop_widened,
+            "labels_present": _vector(int(v) for v in present),
+        }
+        atomic_write_text(json.dumps({"key": key, "row": row}), record)
+    except CaseError as err:
+        row["reason"] = str(err)
+    except (OSError, RuntimeError, ValueError, MemoryError) as err:
+        row["reason"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    return row | {"reused": False}
