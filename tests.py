@@ -1,0 +1,495 @@
+"""The test suite: `python -m pytest tests.py` (fast: tiny grids and models, CPU only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+import config as config_module
+from config import ConfigError, PreprocessingConfig, load_config
+from metrics import confusion_matrix, overlap_and_distances, scores_from_confusion
+from preprocess_script import preprocess_dataset
+from synthetic_spine import generate_dataset, synth_patient, write_case
+from test_unet import evaluate_checkpoint, segment_scan
+from train import (
+    NonFiniteLossError,
+    SegmentationLoss,
+    fit,
+    load_checkpoint,
+    patient_split,
+    save_checkpoint,
+)
+from unet_model import UNet3D
+from vertebraeseg import (
+    CaseError,
+    CaseFiles,
+    body_mask,
+    crop_box,
+    discover_cases,
+    grid_to_scan,
+    load_case,
+    map_labels,
+    to_grid,
+)
+
+ROOT = Path(__file__).resolve().parent
+SLABS = ROOT.parent / "shared" / "data" / "spider_t2space_slabs"
+SPIDER_LOOKUP = load_config(ROOT / "configuration.txt").labels.lookup()
+TINY_GRID = "32, 16, 8"
+
+
+def write_config(folder: Path, raw_dir: Path, **sections: dict[str, object]) -> Path:
+    """A tiny configuration (grid 32x16x8, 3-level U-Net with 4 base channels, 2 epochs)."""
+    values: dict[str, dict[str, object]] = {
+        "paths": {
+            "raw_dir": raw_dir,
+            "preprocessed_dir": folder / "pre",
+            "output_dir": folder / "run",
+        },
+        "data": {"sequences": "t1, t2"},
+        "labels": {"vertebrae": "1-25, 101-125", "intervertebral_discs": "201-225",
+                   "spinal_canal": "100"},
+        "preprocessing": {"grid": TINY_GRID, "workers": 1},
+        "model": {"base_channels": 4, "depth": 3},
+        "training": {"epochs": 2, "batch_size": 2, "val_fraction": 0.25, "test_fraction": 0.25,
+                     "threads": 1},
+        "testing": {"figures": 1},
+    }
+    for section, updates in sections.items():
+        values.setdefault(section, {}).update(updates)
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+        for section, keys in values.items()
+    )
+    path = folder / "config.txt"
+    path.write_text(text)
+    return path
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory) -> Path:
+    """Six small synthetic patients (12 series) in SPIDER layout."""
+    raw = tmp_path_factory.mktemp("data") / "raw"
+    generate_dataset(raw, n_patients=6, seed=1, small=True)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_raw) -> Path:
+    """A finished 2-epoch run (preprocess + train + test) on the tiny set."""
+    import preprocess_script
+    import trainandtest_script
+
+    folder = tmp_path_factory.mktemp("run")
+    cfg = write_config(folder, tiny_raw)
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    return folder
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_shipped_configuration_loads_typed():
+    cfg = load_config(ROOT / "configuration.txt")
+    assert cfg.labels.class_names == (
+        "background", "vertebrae", "intervertebral_discs", "spinal_canal"
+    )
+    assert isinstance(cfg.training.epochs, int) and isinstance(cfg.training.learning_rate, float)
+    assert all(isinstance(v, int) for v in cfg.preprocessing.grid)
+    assert cfg.paths.raw_dir.is_absolute()
+
+
+def test_set_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        write_config(tmp_path, tmp_path / "raw"),
+        ["training.epochs=7", "preprocessing.grid=64, 32, 16", "paths.test_raw_dir=elsewhere"],
+    )
+    assert cfg.training.epochs == 7
+    assert cfg.preprocessing.grid == (64, 32, 16)
+    assert cfg.paths.test_raw_dir == (tmp_path / "elsewhere").resolve()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bogus.key=1", "unknown section"),
+        ("training.epoch=3", "[training] epoch: unknown key"),
+        ("training.epochs=three", "[training] epochs = 'three': expected int"),
+        ("training.augment=maybe", "expected true or false"),
+        ("training.batch_size=-2", "[training] batch_size = -2: must be > 0"),
+        ("preprocessing.grid=-32, 16, 8", "grid"),
+        ("training.val_fraction=1.5", "[training] val_fraction = 1.5: must be a fraction"),
+        ("training.test_fraction=-0.1", "[training] test_fraction = -0.1"),
+        ("preprocessing.grid=30, 16, 8", "height 30 is not a positive multiple of 4"),
+        ("preprocessing.grid=32, 16", "expected 3 comma-separated values"),
+        ("preprocessing.normalisation=robust", "choose one of zscore, minmax"),
+        ("labels.spinal_canal=100, 1", "value 1 is in both vertebrae and spinal_canal"),
+        ("labels.spinal_canal=5-2", "must be increasing"),
+        ("labels.2canal=100", "lower-case identifiers"),
+        ("paths.output_dir=raw/run", "output_dir"),
+        ("paths.preprocessed_dir=raw", "lies inside raw_dir"),
+        ("noequals", "expected section.key=value"),
+    ],
+)
+def test_configuration_errors_name_key_and_value(tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(tmp_path, tmp_path / "raw"), [override])
+    assert message in str(error.value)
+
+
+def test_instances_option_gives_fixed_indices(tmp_path):
+    cfg = load_config(
+        write_config(tmp_path, tmp_path / "raw"),
+        ["labels.instances=true"],
+    )
+    lookup = cfg.labels.lookup()
+    assert cfg.labels.num_classes == 1 + 50 + 25 + 1
+    assert cfg.labels.class_names[1] == "vertebrae_1"
+    # the index of a value never depends on which values a case holds
+    first = map_labels(np.array([0, 3, 201]), lookup)
+    second = map_labels(np.array([201, 100]), lookup)
+    assert first[2] == second[0] == cfg.labels.class_names.index("intervertebral_discs_201")
+    assert second[1] == cfg.labels.num_classes - 1
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def test_label_mapping_of_spider_values():
+    raw = np.array([0, 1, 9, 25, 101, 125, 100, 201, 209, 225])
+    assert map_labels(raw, SPIDER_LOOKUP).tolist() == [0, 1, 1, 1, 1, 1, 3, 2, 2, 2]
+    with pytest.raises(CaseError, match=r"mask values \[7000\] are not in the \[labels\] map"):
+        map_labels(np.array([0, 7000]), SPIDER_LOOKUP)
+
+
+def _case(tmp_path: Path, orientation: str, seed: int = 0, small: bool = True) -> CaseFiles:
+    images, mask = synth_patient(np.random.default_rng(seed), small=small)
+    image_path, mask_path = write_case(tmp_path, "7", "t2", images["t2"], mask, orientation)
+    return CaseFiles("7_t2", "7", "t2", image_path, mask_path)
+
+
+def test_crop_never_cuts_labels(tmp_path):
+    body = np.zeros((12, 60, 50), np.float32)
+    body[3:9, 20:40, 15:35] = 1000.0
+    image = sitk.GetImageFromArray(body)
+    image.SetSpacing((1.0, 1.0, 3.0))
+    labels = np.zeros(body.shape, np.uint8)
+    labels[4:8, 25:35, 20:30] = 1
+    index, size, widened = crop_box(image, body_mask(image, 2.0), labels, margin_mm=0)
+    start, stop = np.array(index), np.array(index) + size
+    assert not widened  # the body box, found at 2 mm, holds the body within a voxel or two
+    assert (start <= (15, 20, 3)).all() and (start >= (13, 18, 2)).all()
+    assert (stop >= (35, 40, 9)).all() and (stop <= (37, 42, 10)).all()
+    labels[0, 55, 2] = 2  # a labelled voxel outside the body: the box grows and says so
+    index, size, widened = crop_box(image, body_mask(image, 2.0), labels, margin_mm=0)
+    assert widened and index[0] == 2 and index[2] == 0 and index[1] + size[1] == 56
+    # a real synthetic case keeps every labelled voxel inside its crop
+    _, image, labels = load_case(_case(tmp_path, "PIR"), SPIDER_LOOKUP)
+    grid = to_grid(image, labels, PreprocessingConfig(grid=(64, 32, 16), crop_margin_mm=0))
+    array = sitk.GetArrayFromImage(labels)
+    (x0, y0, z0), (sx, sy, sz) = grid.crop_index, grid.crop_size
+    inside = array[z0 : z0 + sz, y0 : y0 + sy, x0 : x0 + sx]
+    assert np.count_nonzero(inside) == np.count_nonzero(array)
+
+
+def test_grid_mask_holds_only_class_values_and_grid_geometry(tmp_path):
+    _, image, labels = load_case(_case(tmp_path, "PIR"), SPIDER_LOOKUP)
+    settings = PreprocessingConfig(grid=(64, 32, 16))
+    grid = to_grid(image, labels, settings)
+    values = set(np.unique(sitk.GetArrayViewFromImage(grid.mask)).tolist())
+    assert values == {0, 1, 2, 3}
+    assert grid.mask.GetPixelID() == sitk.sitkUInt8
+    assert grid.image.GetSize() == grid.mask.GetSize() == (32, 64, 16)
+    # the grid covers the crop's physical extent: first/last voxel edges coincide
+    crop = sitk.RegionOfInterest(image, grid.crop_size, grid.crop_index)
+    for corner in ([-0.5] * 3, [s - 0.5 for s in crop.GetSize()]):
+        point = crop.TransformContinuousIndexToPhysicalPoint(corner)
+        grid_corner = grid.image.TransformPhysicalPointToContinuousIndex(point)
+        expected = -0.5 if corner[0] < 0 else None
+        if expected is not None:
+            assert np.allclose(grid_corner, -0.5, atol=1e-4)
+        else:
+            assert np.allclose(grid_corner, np.array(grid.image.GetSize()) - 0.5, atol=1e-4)
+
+
+def test_round_trip_dice_at_default_settings(tmp_path):
+    """Grid mask -> one-hot probabilities -> back onto the scan: Dice >= 0.95 per structure."""
+    files = _case(tmp_path, "LPS", seed=3, small=False)
+    scan, image, labels = load_case(files, SPIDER_LOOKUP)
+    grid = to_grid(image, labels, PreprocessingConfig())
+    grid_labels = sitk.GetArrayFromImage(grid.mask)
+    one_hot = np.stack([(grid_labels == c).astype(np.float32) for c in range(4)])
+    back = sitk.GetArrayFromImage(grid_to_scan(one_hot, grid.image, scan))
+    reference = map_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path))),
+                           SPIDER_LOOKUP)
+    assert back.shape == reference.shape
+    for c in (1, 2, 3):
+        assert dice(back == c, reference == c) >= 0.95, c
+
+
+def test_lps_and_pir_storage_give_the_same_grid(tmp_path):
+    settings = PreprocessingConfig(grid=(64, 32, 16))
+    grids = []
+    for orientation in ("LPS", "PIR"):
+        folder = tmp_path / orientation
+        _, image, labels = load_case(_case(folder, orientation, seed=5), SPIDER_LOOKUP)
+        grids.append(to_grid(image, labels, settings))
+    lps, pir = grids
+    assert sitk.ReadImage(str(tmp_path / "LPS" / "images" / "7_t2.mha")).GetSize() != \
+        sitk.ReadImage(str(tmp_path / "PIR" / "images" / "7_t2.mha")).GetSize()
+    assert np.allclose(lps.image.GetOrigin(), pir.image.GetOrigin(), atol=1e-4)
+    assert np.allclose(lps.image.GetSpacing(), pir.image.GetSpacing())
+    assert np.allclose(sitk.GetArrayFromImage(lps.image), sitk.GetArrayFromImage(pir.image),
+                       atol=1e-4)
+    assert (sitk.GetArrayFromImage(lps.mask) == sitk.GetArrayFromImage(pir.mask)).all()
+
+
+def test_synthetic_set_is_spider_format_and_deterministic(tmp_path):
+    first = generate_dataset(tmp_path / "a", n_patients=2, seed=4, small=True)
+    generate_dataset(tmp_path / "b", n_patients=2, seed=4, small=True)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert set(first["new_file_name"]) == {"1_t1", "1_t2", "2_t1", "2_t2"}
+    t1 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "masks" / "1_t1.mha")))
+    t2 = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "masks" / "1_t2.mha")))
+    assert (t1 == t2).all()
+    values = set(np.unique(t1).tolist())
+    assert {0, 1, 100, 201} <= values and values <= set(SPIDER_LOOKUP)
+    with pytest.raises(FileExistsError):
+        generate_dataset(tmp_path / "a", n_patients=1, seed=4, small=True)
+
+
+def test_preprocess_manifest_and_rerun_reuses_cases(tmp_path, tiny_raw):
+    settings = PreprocessingConfig(grid=(32, 16, 8), workers=1)
+    out = tmp_path / "pre"
+    first = preprocess_dataset(tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP,
+                               progress=False)
+    assert (first["status"] == "ok").all() and len(first) == 12
+    assert not first["reused"].any()
+    manifest = pd.read_csv(out / "manifest.csv")
+    for column in ("case_id", "patient_id", "sequence", "status", "reason", "image_path",
+                   "mask_path", "out_image", "out_mask", "original_size", "original_spacing",
+                   "original_origin", "original_direction", "crop_index", "crop_size",
+                   "crop_widened", "labels_present"):
+        assert column in manifest.columns, column
+    second = preprocess_dataset(tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP,
+                                progress=False)
+    assert second["reused"].all()
+    changed = PreprocessingConfig(grid=(32, 16, 8), workers=1, crop_margin_mm=4)
+    third = preprocess_dataset(tiny_raw, out, ("t1", "t2"), changed, SPIDER_LOOKUP,
+                               progress=False)
+    assert not third["reused"].any()
+
+
+def test_preprocess_script_demo_generation_and_missing_raw_dir(tmp_path, capsys):
+    import preprocess_script
+
+    cfg = write_config(tmp_path, tmp_path / "demo",
+                       data={"synthetic_demo": "true", "demo_patients": 2})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert "generating the synthetic SPIDER-format demo set" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "overview.csv").is_file()
+    real = write_config(tmp_path, tmp_path / "missing", data={"synthetic_demo": "false"})
+    assert preprocess_script.main(["--config", str(real)]) == 1
+    assert "raw_dir" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+# ---------------------------------------------------------------- model, loss, metrics
+
+
+@pytest.mark.parametrize(("shape", "depth"), [((8, 24, 40), 4), ((4, 12, 20), 3), ((2, 6, 2), 2)])
+def test_model_output_shape_on_odd_grids(shape, depth):
+    model = UNet3D(num_classes=5, base_channels=4, depth=depth)
+    out = model(torch.zeros(2, 1, *shape))
+    assert out.shape == (2, 5, *shape)
+
+
+def test_model_rejects_grid_not_divisible():
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        UNet3D(base_channels=4, depth=3)(torch.zeros(1, 1, 8, 8, 6))
+
+
+def test_seed_architecture_channels():
+    model = UNet3D(num_classes=20)
+    widths = [block[0].out_channels for block in model.encoders]
+    assert widths == [32, 64, 128, 256, 512]
+
+
+def test_loss_decreases_when_overfitting_one_case():
+    torch.manual_seed(0)
+    target = torch.zeros(1, 8, 16, 16, dtype=torch.long)
+    target[:, 2:6, 4:12, 4:8] = 1
+    target[:, 2:6, 4:12, 9:12] = 2
+    image = target.float()[:, None] + 0.1 * torch.randn(1, 1, 8, 16, 16)
+    model = UNet3D(num_classes=3, base_channels=4, depth=2)
+    loss_fn = SegmentationLoss(3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(80):
+        optimizer.zero_grad()
+        loss = loss_fn(model(image), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_confusion_scores_against_hand_values():
+    truth = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0])
+    confusion = confusion_matrix(pred, truth, 3)
+    assert confusion.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
+    scores = scores_from_confusion(confusion.numpy())
+    assert scores["accuracy"] == pytest.approx(6 / 8)
+    assert scores["dice"].tolist() == pytest.approx([4 / 6, 4 / 5, 4 / 5])
+    assert scores["f1_macro"] == pytest.approx((4 / 6 + 8 / 5) / 3)
+
+
+def test_hd95_and_assd_of_shifted_boxes():
+    a = np.zeros((20, 30, 40), np.uint8)
+    a[5:15, 5:15, 5:15] = 1
+    b = np.roll(a, 3, axis=2)  # shifted 3 voxels along x
+    images = []
+    for array in (a, b):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((0.5, 1.0, 2.0))
+        images.append(image)
+    same = overlap_and_distances(images[0], images[0])
+    assert same == {"dice": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0}
+    shifted = overlap_and_distances(images[1], images[0])
+    assert shifted["dice"] == pytest.approx(2 * 700 / 2000)
+    assert shifted["hd95_mm"] == pytest.approx(1.5)  # 3 voxels x 0.5 mm
+    assert 0 < shifted["assd_mm"] < 1.5
+    empty = overlap_and_distances(images[0] * 0, images[0])
+    assert empty["dice"] == 0.0 and np.isnan(empty["hd95_mm"])
+    both_empty = overlap_and_distances(images[0] * 0, images[0] * 0)
+    assert both_empty == {"dice": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0}
+
+
+# ---------------------------------------------------------------- split, training, testing
+
+
+def test_patient_split_keeps_patients_together():
+    cases = pd.DataFrame({
+        "case_id": [f"{p}_{s}" for p in range(20) for s in ("t1", "t2")],
+        "patient_id": [str(p) for p in range(20) for _ in range(2)],
+    })
+    split = patient_split(cases, 0.2, 0.2, seed=3)
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    counts = split.groupby("split")["patient_id"].nunique()
+    assert counts.to_dict() == {"test": 4, "train": 12, "val": 4}
+    assert split.equals(patient_split(cases, 0.2, 0.2, seed=3))
+
+
+def test_end_to_end_run_writes_every_output(trained_run):
+    run = trained_run / "run"
+    for name in ("run_config.json", "splits.csv", "metrics_epochs.csv", "loss.png",
+                 "accuracy.png", "f1.png", "dice.png", "checkpoints/best.pt",
+                 "checkpoints/last.pt", "test_metrics.csv", "test_summary.csv"):
+        assert (run / name).is_file(), name
+    history = pd.read_csv(run / "metrics_epochs.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    for column in ("train_loss", "val_loss", "train_accuracy", "val_f1_macro",
+                   "val_dice_vertebrae", "val_dice_intervertebral_discs", "val_dice_spinal_canal"):
+        assert history[column].notna().all(), column
+    split = pd.read_csv(run / "splits.csv", dtype=str)
+    assert (split.groupby("patient_id")["split"].nunique() == 1).all()
+    test_ids = sorted(split.loc[split["split"] == "test", "case_id"])
+    assert sorted(p.stem for p in (run / "predictions").glob("*.mha")) == test_ids
+    metrics = pd.read_csv(run / "test_metrics.csv")
+    assert list(metrics.columns) == ["case_id", "class", "dice", "hd95_mm", "assd_mm"]
+    assert len(metrics) == 3 * len(test_ids)
+    summary = pd.read_csv(run / "test_summary.csv")
+    assert summary["class"].tolist() == ["vertebrae", "intervertebral_discs", "spinal_canal"]
+    assert list(summary.columns) == ["class", "n", "dice_mean", "dice_std", "hd95_mm_mean",
+                                     "assd_mm_mean"]
+    assert len(list((run / "figures").glob("*.png"))) == 1
+
+
+def test_predictions_carry_the_scan_geometry(trained_run, tiny_raw):
+    run = trained_run / "run"
+    for prediction_path in (run / "predictions").glob("*.mha"):
+        prediction = sitk.ReadImage(str(prediction_path))
+        scan = sitk.ReadImage(str(tiny_raw / "images" / prediction_path.name))
+        assert prediction.GetSize() == scan.GetSize()
+        assert np.allclose(prediction.GetSpacing(), scan.GetSpacing())
+        assert np.allclose(prediction.GetOrigin(), scan.GetOrigin())
+        assert np.allclose(prediction.GetDirection(), scan.GetDirection())
+        assert set(np.unique(sitk.GetArrayViewFromImage(prediction)).tolist()) <= {0, 1, 2, 3}
+
+
+def test_predict_script_segments_scans_in_their_geometry(trained_run, tiny_raw, tmp_path):
+    import predict_script
+
+    scans = sorted((tiny_raw / "images").glob("*.mha"))[:2]
+    bad = tmp_path / "flat.mha"
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(bad))
+    checkpoint = trained_run / "run" / "checkpoints" / "best.pt"
+    out = tmp_path / "out"
+    status = predict_script.main(["--checkpoint", str(checkpoint), *map(str, scans), str(bad),
+                                  "--output-dir", str(out)])
+    assert status == 1  # the 2-D input failed, the rest were written
+    for scan_path in scans:
+        scan = sitk.ReadImage(str(scan_path))
+        mask = sitk.ReadImage(str(out / scan_path.name))
+        assert mask.GetSize() == scan.GetSize()
+        assert np.allclose(mask.GetDirection(), scan.GetDirection())
+        assert np.allclose(mask.GetOrigin(), scan.GetOrigin())
+    assert not (out / "flat.mha").exists()
+    assert pd.read_csv(out / "classes.csv")["class"].tolist()[0] == "background"
+
+
+def test_checkpoint_rebuilds_the_model_alone(trained_run):
+    state = load_checkpoint(trained_run / "run" / "checkpoints" / "best.pt")
+    scan = sitk.ReadImage(str(sorted((trained_run / "pre" / "images").glob("*.mha"))[0]))
+    from test_unet import model_from_checkpoint, preprocessing_from_checkpoint
+
+    model = model_from_checkpoint(state, torch.device("cpu"))
+    assert model.arguments == state["model_args"]
+    assert preprocessing_from_checkpoint(state).grid == (32, 16, 8)
+    assert segment_scan(model, scan, preprocessing_from_checkpoint(state),
+                        torch.device("cpu")).GetSize() == scan.GetSize()
+    assert state["config"]["training"]["epochs"] == 2 and state["epoch"] == 2
+
+
+def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
+    import preprocess_script
+    import trainandtest_script
+
+    cfg = write_config(tmp_path, tiny_raw, testing={"figures": 0},
+                       training={"scheduler": "none", "warmup_epochs": 0})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg), "--set", "training.epochs=3"]) == 0
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert resumed["epoch"] == 3
+    assert pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")["epoch"].tolist() == [1, 2, 3]
+    straight = [
+        "--config", str(cfg), "--set", "training.epochs=3",
+        "--set", f"paths.output_dir={tmp_path / 'straight'}",
+    ]
+    assert trainandtest_script.main(straight) == 0
+    reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    for key, value in reference["model"].items():
+        assert torch.allclose(value, resumed["model"][key], atol=1e-5), key
