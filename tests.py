@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,19 +16,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import config as config_module
 from config import ConfigError, PreprocessingConfig, load_config
-from metrics import confusion_matrix, overlap_and_distances, scores_from_confusion
+from metrics import confusion_matrix, scores_from_confusion
 from preprocess_script import preprocess_dataset
 from synthetic_spine import generate_dataset, synth_patient, write_case
-from test_unet import evaluate_checkpoint, segment_scan
+from test_unet import overlap_and_distances, segment_scan
 from train import (
     NonFiniteLossError,
     SegmentationLoss,
     fit,
     load_checkpoint,
     patient_split,
-    save_checkpoint,
 )
 from unet_model import UNet3D
 from vertebraeseg import (
@@ -37,7 +34,6 @@ from vertebraeseg import (
     CaseFiles,
     body_mask,
     crop_box,
-    discover_cases,
     grid_to_scan,
     load_case,
     map_labels,
@@ -59,12 +55,20 @@ def write_config(folder: Path, raw_dir: Path, **sections: dict[str, object]) -> 
             "output_dir": folder / "run",
         },
         "data": {"sequences": "t1, t2"},
-        "labels": {"vertebrae": "1-25, 101-125", "intervertebral_discs": "201-225",
-                   "spinal_canal": "100"},
+        "labels": {
+            "vertebrae": "1-25, 101-125",
+            "intervertebral_discs": "201-225",
+            "spinal_canal": "100",
+        },
         "preprocessing": {"grid": TINY_GRID, "workers": 1},
         "model": {"base_channels": 4, "depth": 3},
-        "training": {"epochs": 2, "batch_size": 2, "val_fraction": 0.25, "test_fraction": 0.25,
-                     "threads": 1},
+        "training": {
+            "epochs": 2,
+            "batch_size": 2,
+            "val_fraction": 0.25,
+            "test_fraction": 0.25,
+            "threads": 1,
+        },
         "testing": {"figures": 1},
     }
     for section, updates in sections.items():
@@ -83,7 +87,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def digest(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +119,10 @@ def trained_run(tmp_path_factory, tiny_raw) -> Path:
 def test_shipped_configuration_loads_typed():
     cfg = load_config(ROOT / "configuration.txt")
     assert cfg.labels.class_names == (
-        "background", "vertebrae", "intervertebral_discs", "spinal_canal"
+        "background",
+        "vertebrae",
+        "intervertebral_discs",
+        "spinal_canal",
     )
     assert isinstance(cfg.training.epochs, int) and isinstance(cfg.training.learning_rate, float)
     assert all(isinstance(v, int) for v in cfg.preprocessing.grid)
@@ -241,8 +250,9 @@ def test_round_trip_dice_at_default_settings(tmp_path):
     grid_labels = sitk.GetArrayFromImage(grid.mask)
     one_hot = np.stack([(grid_labels == c).astype(np.float32) for c in range(4)])
     back = sitk.GetArrayFromImage(grid_to_scan(one_hot, grid.image, scan))
-    reference = map_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path))),
-                           SPIDER_LOOKUP)
+    reference = map_labels(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path))), SPIDER_LOOKUP
+    )
     assert back.shape == reference.shape
     for c in (1, 2, 3):
         assert dice(back == c, reference == c) >= 0.95, c
@@ -256,12 +266,15 @@ def test_lps_and_pir_storage_give_the_same_grid(tmp_path):
         _, image, labels = load_case(_case(folder, orientation, seed=5), SPIDER_LOOKUP)
         grids.append(to_grid(image, labels, settings))
     lps, pir = grids
-    assert sitk.ReadImage(str(tmp_path / "LPS" / "images" / "7_t2.mha")).GetSize() != \
-        sitk.ReadImage(str(tmp_path / "PIR" / "images" / "7_t2.mha")).GetSize()
+    assert (
+        sitk.ReadImage(str(tmp_path / "LPS" / "images" / "7_t2.mha")).GetSize()
+        != sitk.ReadImage(str(tmp_path / "PIR" / "images" / "7_t2.mha")).GetSize()
+    )
     assert np.allclose(lps.image.GetOrigin(), pir.image.GetOrigin(), atol=1e-4)
     assert np.allclose(lps.image.GetSpacing(), pir.image.GetSpacing())
-    assert np.allclose(sitk.GetArrayFromImage(lps.image), sitk.GetArrayFromImage(pir.image),
-                       atol=1e-4)
+    assert np.allclose(
+        sitk.GetArrayFromImage(lps.image), sitk.GetArrayFromImage(pir.image), atol=1e-4
+    )
     assert (sitk.GetArrayFromImage(lps.mask) == sitk.GetArrayFromImage(pir.mask)).all()
 
 
@@ -282,30 +295,45 @@ def test_synthetic_set_is_spider_format_and_deterministic(tmp_path):
 def test_preprocess_manifest_and_rerun_reuses_cases(tmp_path, tiny_raw):
     settings = PreprocessingConfig(grid=(32, 16, 8), workers=1)
     out = tmp_path / "pre"
-    first = preprocess_dataset(tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP,
-                               progress=False)
+    first = preprocess_dataset(tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP, progress=False)
     assert (first["status"] == "ok").all() and len(first) == 12
     assert not first["reused"].any()
     manifest = pd.read_csv(out / "manifest.csv")
-    for column in ("case_id", "patient_id", "sequence", "status", "reason", "image_path",
-                   "mask_path", "out_image", "out_mask", "original_size", "original_spacing",
-                   "original_origin", "original_direction", "crop_index", "crop_size",
-                   "crop_widened", "labels_present"):
+    for column in (
+        "case_id",
+        "patient_id",
+        "sequence",
+        "status",
+        "reason",
+        "image_path",
+        "mask_path",
+        "out_image",
+        "out_mask",
+        "original_size",
+        "original_spacing",
+        "original_origin",
+        "original_direction",
+        "crop_index",
+        "crop_size",
+        "crop_widened",
+        "labels_present",
+    ):
         assert column in manifest.columns, column
-    second = preprocess_dataset(tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP,
-                                progress=False)
+    second = preprocess_dataset(
+        tiny_raw, out, ("t1", "t2"), settings, SPIDER_LOOKUP, progress=False
+    )
     assert second["reused"].all()
     changed = PreprocessingConfig(grid=(32, 16, 8), workers=1, crop_margin_mm=4)
-    third = preprocess_dataset(tiny_raw, out, ("t1", "t2"), changed, SPIDER_LOOKUP,
-                               progress=False)
+    third = preprocess_dataset(tiny_raw, out, ("t1", "t2"), changed, SPIDER_LOOKUP, progress=False)
     assert not third["reused"].any()
 
 
 def test_preprocess_script_demo_generation_and_missing_raw_dir(tmp_path, capsys):
     import preprocess_script
 
-    cfg = write_config(tmp_path, tmp_path / "demo",
-                       data={"synthetic_demo": "true", "demo_patients": 2})
+    cfg = write_config(
+        tmp_path, tmp_path / "demo", data={"synthetic_demo": "true", "demo_patients": 2}
+    )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     assert "generating the synthetic SPIDER-format demo set" in capsys.readouterr().out
     assert (tmp_path / "demo" / "overview.csv").is_file()
@@ -391,10 +419,12 @@ def test_hd95_and_assd_of_shifted_boxes():
 
 
 def test_patient_split_keeps_patients_together():
-    cases = pd.DataFrame({
-        "case_id": [f"{p}_{s}" for p in range(20) for s in ("t1", "t2")],
-        "patient_id": [str(p) for p in range(20) for _ in range(2)],
-    })
+    cases = pd.DataFrame(
+        {
+            "case_id": [f"{p}_{s}" for p in range(20) for s in ("t1", "t2")],
+            "patient_id": [str(p) for p in range(20) for _ in range(2)],
+        }
+    )
     split = patient_split(cases, 0.2, 0.2, seed=3)
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
     counts = split.groupby("split")["patient_id"].nunique()
@@ -404,14 +434,31 @@ def test_patient_split_keeps_patients_together():
 
 def test_end_to_end_run_writes_every_output(trained_run):
     run = trained_run / "run"
-    for name in ("run_config.json", "splits.csv", "metrics_epochs.csv", "loss.png",
-                 "accuracy.png", "f1.png", "dice.png", "checkpoints/best.pt",
-                 "checkpoints/last.pt", "test_metrics.csv", "test_summary.csv"):
+    for name in (
+        "run_config.json",
+        "splits.csv",
+        "metrics_epochs.csv",
+        "loss.png",
+        "accuracy.png",
+        "f1.png",
+        "dice.png",
+        "checkpoints/best.pt",
+        "checkpoints/last.pt",
+        "test_metrics.csv",
+        "test_summary.csv",
+    ):
         assert (run / name).is_file(), name
     history = pd.read_csv(run / "metrics_epochs.csv")
     assert history["epoch"].tolist() == [1, 2]
-    for column in ("train_loss", "val_loss", "train_accuracy", "val_f1_macro",
-                   "val_dice_vertebrae", "val_dice_intervertebral_discs", "val_dice_spinal_canal"):
+    for column in (
+        "train_loss",
+        "val_loss",
+        "train_accuracy",
+        "val_f1_macro",
+        "val_dice_vertebrae",
+        "val_dice_intervertebral_discs",
+        "val_dice_spinal_canal",
+    ):
         assert history[column].notna().all(), column
     split = pd.read_csv(run / "splits.csv", dtype=str)
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
@@ -422,8 +469,14 @@ def test_end_to_end_run_writes_every_output(trained_run):
     assert len(metrics) == 3 * len(test_ids)
     summary = pd.read_csv(run / "test_summary.csv")
     assert summary["class"].tolist() == ["vertebrae", "intervertebral_discs", "spinal_canal"]
-    assert list(summary.columns) == ["class", "n", "dice_mean", "dice_std", "hd95_mm_mean",
-                                     "assd_mm_mean"]
+    assert list(summary.columns) == [
+        "class",
+        "n",
+        "dice_mean",
+        "dice_std",
+        "hd95_mm_mean",
+        "assd_mm_mean",
+    ]
     assert len(list((run / "figures").glob("*.png"))) == 1
 
 
@@ -447,8 +500,9 @@ def test_predict_script_segments_scans_in_their_geometry(trained_run, tiny_raw, 
     sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(bad))
     checkpoint = trained_run / "run" / "checkpoints" / "best.pt"
     out = tmp_path / "out"
-    status = predict_script.main(["--checkpoint", str(checkpoint), *map(str, scans), str(bad),
-                                  "--output-dir", str(out)])
+    status = predict_script.main(
+        ["--checkpoint", str(checkpoint), *map(str, scans), str(bad), "--output-dir", str(out)]
+    )
     assert status == 1  # the 2-D input failed, the rest were written
     for scan_path in scans:
         scan = sitk.ReadImage(str(scan_path))
@@ -468,8 +522,12 @@ def test_checkpoint_rebuilds_the_model_alone(trained_run):
     model = model_from_checkpoint(state, torch.device("cpu"))
     assert model.arguments == state["model_args"]
     assert preprocessing_from_checkpoint(state).grid == (32, 16, 8)
-    assert segment_scan(model, scan, preprocessing_from_checkpoint(state),
-                        torch.device("cpu")).GetSize() == scan.GetSize()
+    assert (
+        segment_scan(
+            model, scan, preprocessing_from_checkpoint(state), torch.device("cpu")
+        ).GetSize()
+        == scan.GetSize()
+    )
     assert state["config"]["training"]["epochs"] == 2 and state["epoch"] == 2
 
 
@@ -477,8 +535,12 @@ def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
     import preprocess_script
     import trainandtest_script
 
-    cfg = write_config(tmp_path, tiny_raw, testing={"figures": 0},
-                       training={"scheduler": "none", "warmup_epochs": 0})
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        testing={"figures": 0},
+        training={"scheduler": "none", "warmup_epochs": 0},
+    )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     assert trainandtest_script.main(["--config", str(cfg)]) == 0
     assert trainandtest_script.main(["--config", str(cfg), "--set", "training.epochs=3"]) == 0
@@ -486,10 +548,351 @@ def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
     assert resumed["epoch"] == 3
     assert pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")["epoch"].tolist() == [1, 2, 3]
     straight = [
-        "--config", str(cfg), "--set", "training.epochs=3",
-        "--set", f"paths.output_dir={tmp_path / 'straight'}",
+        "--config",
+        str(cfg),
+        "--set",
+        "training.epochs=3",
+        "--set",
+        f"paths.output_dir={tmp_path / 'straight'}",
     ]
     assert trainandtest_script.main(straight) == 0
     reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key, value in reference["model"].items():
         assert torch.allclose(value, resumed["model"][key], atol=1e-5), key
+
+
+# ---------------------------------------------------------------- bad input (never lose data)
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def make_bad_corpus(raw: Path) -> dict[str, str]:
+    """A SPIDER-layout folder with one good case and one case per fault.
+
+    Returns {case_id: the reason text expected in manifest.csv}.
+    """
+    images, mask = synth_patient(np.random.default_rng(11), small=True)
+    image = images["t1"]
+    write_case(raw, "1", "t1", image, mask, "PIR")
+    good_image = raw / "images" / "1_t1.mha"
+    good_mask = raw / "masks" / "1_t1.mha"
+
+    def case(name: str, image_item, mask_item) -> None:
+        for folder, item in (("images", image_item), ("masks", mask_item)):
+            if item is not None:
+                _write(item, raw / folder / f"{name}.mha")
+
+    expected = {}
+    sitk.WriteImage(image, str(raw / "images" / "2_t1.mha"), False)
+    data = (raw / "images" / "2_t1.mha").read_bytes()
+    (raw / "images" / "2_t1.mha").write_bytes(data[: len(data) // 2])
+    shutil.copy(good_mask, raw / "masks" / "2_t1.mha")
+    expected["2_t1"] = "unreadable"
+    (raw / "images" / "3_t1.mha").write_bytes(b"")
+    shutil.copy(good_mask, raw / "masks" / "3_t1.mha")
+    expected["3_t1"] = "unreadable"
+    case("4_t1", image, None)
+    expected["4_t1"] = "has no mask"
+    case("5_t1", None, mask)
+    expected["5_t1"] = "has no image"
+    case("6_t1", image, sitk.Crop(mask, [0, 0, 0], [1, 0, 0]))
+    expected["6_t1"] = "image size"
+    for number, (change, reason) in enumerate(
+        [
+            (lambda m: m.SetSpacing([s * 1.5 for s in m.GetSpacing()]), "spacing"),
+            (lambda m: m.SetOrigin([o + 25 for o in m.GetOrigin()]), "origin"),
+            (lambda m: m.SetDirection(sitk.DICOMOrient(m, "LPS").GetDirection()), "directions"),
+        ],
+        start=7,
+    ):
+        moved = sitk.Image(mask)
+        change(moved)
+        case(f"{number}_t1", image, moved)
+        expected[f"{number}_t1"] = reason
+    case("10_t1", sitk.Image(16, 16, sitk.sitkFloat32), sitk.Image(16, 16, sitk.sitkUInt8))
+    expected["10_t1"] = "is 2-D"
+    case("11_t1", sitk.Image([8, 8, 8, 2], sitk.sitkFloat32), mask)
+    expected["11_t1"] = "is 4-D"
+    rgb = sitk.Image(image.GetSize(), sitk.sitkVectorUInt8, 3)
+    rgb.CopyInformation(image)
+    case("12_t1", rgb, mask)
+    expected["12_t1"] = "components per pixel"
+    for number, bad_value in ((13, np.nan), (14, np.inf)):
+        array = sitk.GetArrayFromImage(image)
+        array[2, 3, 4] = bad_value
+        broken = sitk.GetImageFromArray(array)
+        broken.CopyInformation(image)
+        case(f"{number}_t1", broken, mask)
+        expected[f"{number}_t1"] = "NaN/inf"
+    case("15_t1", image * 0 + 7, mask)
+    expected["15_t1"] = "constant"
+    case("16_t1", image, mask * 0)
+    expected["16_t1"] = "is empty"
+    outside = sitk.Image(mask)
+    outside[1, 1, 1] = 7000
+    case("17_t1", image, outside)
+    expected["17_t1"] = "not in the [labels] map"
+    case("badname", image, mask)
+    expected["badname"] = "does not match"
+    case("18_t1", image, mask)
+    _write(image, raw / "images" / "18_t1.nii.gz")
+    expected["18_t1"] = "duplicate case id"
+    no_body = np.full(sitk.GetArrayFromImage(image).shape, -1000, np.float32)
+    no_body[5, 10, 10], no_body[5, 10, 11] = 100, 200
+    speck = sitk.GetImageFromArray(no_body)
+    speck.CopyInformation(image)
+    case("19_t1", speck, mask)
+    expected["19_t1"] = "crop would be empty"
+    (raw / "overview.csv").write_text("new_file_name\n1_t1\n")
+    (raw / "notes.txt").write_text("not an image: ignored")
+    assert good_image.is_file()
+    return expected
+
+
+def test_bad_cases_are_skipped_with_reasons_and_raw_data_untouched(tmp_path, capsys):
+    import preprocess_script
+
+    raw = tmp_path / "raw"
+    expected = make_bad_corpus(raw)
+    before = digest(raw)
+    cfg = write_config(tmp_path, raw, data={"sequences": "t1"})
+    assert preprocess_script.main(["--config", str(cfg)]) == preprocess_script.EXIT_SKIPPED
+    out = capsys.readouterr().out
+    assert f"1 cases ok (0 up to date, reused), {len(expected)} skipped" in out
+    manifest = pd.read_csv(tmp_path / "pre" / "manifest.csv", keep_default_na=False)
+    rows = manifest.set_index("case_id")
+    assert rows.loc["1_t1", "status"] == "ok"
+    for case_id, reason in expected.items():
+        assert rows.loc[case_id, "status"] == "skipped", case_id
+        assert reason in rows.loc[case_id, "reason"], (case_id, rows.loc[case_id, "reason"])
+    assert digest(raw) == before
+
+
+def test_outputs_inside_raw_dir_are_refused_before_writing(tmp_path, tiny_raw, capsys):
+    import preprocess_script
+
+    before = digest(tiny_raw)
+    cfg = write_config(tmp_path, tiny_raw, paths={"preprocessed_dir": tiny_raw / "pre"})
+    assert preprocess_script.main(["--config", str(cfg)]) == 1
+    assert "lies inside raw_dir" in capsys.readouterr().err
+    assert digest(tiny_raw) == before
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def _start(script: str, cfg: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_killed_preprocessing_resumes_without_redoing_work(tmp_path, tiny_raw):
+    cfg = write_config(tmp_path, tiny_raw)
+    records = tmp_path / "pre" / "records"
+    process = _start("preprocess_script.py", cfg)
+    _wait_for(lambda: records.is_dir() and len(list(records.glob("*.json"))) >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list(records.glob("*.json")))
+    rerun = _start("preprocess_script.py", cfg)
+    out, _ = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, out
+    reused = int(out.split("cases ok (")[1].split(" up to date")[0])
+    assert reused >= done >= 3
+    assert "12 cases ok" in out
+    assert not list((tmp_path / "pre").rglob(".*.tmp*"))
+    for path in (tmp_path / "pre" / "images").glob("*.mha"):
+        assert sitk.ReadImage(str(path)).GetSize() == (16, 32, 8)
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_raw):
+    import preprocess_script
+
+    cfg = write_config(tmp_path, tiny_raw, training={"epochs": 4}, testing={"figures": 0})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    process = _start("trainandtest_script.py", cfg)
+    _wait_for(last.is_file, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_checkpoint(last)["epoch"]
+    rerun = _start("trainandtest_script.py", cfg)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    if killed_at < 4:
+        assert f"resuming {tmp_path / 'run'} after epoch {killed_at}" in out + err
+    assert pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "test_summary.csv").is_file()
+
+
+def test_ctrl_c_exits_cleanly_with_a_message(tmp_path, tiny_raw):
+    import preprocess_script
+
+    cfg = write_config(tmp_path, tiny_raw, training={"epochs": 50})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    process = _start("trainandtest_script.py", cfg)
+    _wait_for(last.is_file, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert load_checkpoint(last)["epoch"] >= 1
+
+
+# ---------------------------------------------------------------- unsafe files, numeric faults
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys, trained_run):
+    import predict_script
+
+    unsafe = tmp_path / "unsafe.pt"
+    state = load_checkpoint(trained_run / "run" / "checkpoints" / "best.pt")
+    torch.save(state | {"extra": _Payload()}, unsafe)
+    with pytest.raises(ValueError, match="refused"):
+        load_checkpoint(unsafe)
+    assert (
+        predict_script.main(
+            ["--checkpoint", str(unsafe), str(unsafe), "--output-dir", str(tmp_path / "out")]
+        )
+        == 1
+    )
+    captured = capsys.readouterr()
+    assert "refused" in captured.err
+    assert "arbitrary code ran" not in captured.out + captured.err
+
+
+def test_existing_run_folder_is_never_silently_overwritten(tmp_path, trained_run, capsys):
+    import trainandtest_script
+
+    cfg = trained_run / "config.txt"
+    checkpoint = trained_run / "run" / "checkpoints" / "best.pt"
+    before = checkpoint.read_bytes()
+    assert trainandtest_script.main(["--config", str(cfg), "--set", "model.base_channels=6"]) == 1
+    assert "[model] base_channels" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.docx").write_text("precious")
+    assert (
+        trainandtest_script.main(
+            [
+                "--config",
+                str(cfg),
+                "--set",
+                f"paths.output_dir={foreign}",
+                "--set",
+                "training.overwrite=true",
+            ]
+        )
+        == 1
+    )
+    assert "not a run folder" in capsys.readouterr().err
+    assert (foreign / "thesis.docx").read_text() == "precious"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained_run):
+    from config import ModelConfig, TrainingConfig
+
+    manifest = pd.read_csv(trained_run / "pre" / "manifest.csv", keep_default_na=False)
+    rows = manifest.iloc[:4].copy()
+    settings = TrainingConfig(epochs=1, batch_size=2, threads=1, augment=False)
+    model = ModelConfig(base_channels=4, depth=3)
+    names = ("background", "vertebrae", "intervertebral_discs", "spinal_canal")
+    run = tmp_path / "run"
+    fit(rows, rows.iloc[:0], run, model, settings, names, {}, progress=False)
+    broken = tmp_path / "nan.mha"
+    image = sitk.ReadImage(str(rows.iloc[0]["out_image"]))
+    sitk.WriteImage(image * float("nan"), str(broken))
+    rows.iloc[0, rows.columns.get_loc("out_image")] = str(broken)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch \d"):
+        fit(
+            rows,
+            rows.iloc[:0],
+            run,
+            model,
+            TrainingConfig(epochs=2, batch_size=2, threads=1, augment=False),
+            names,
+            {},
+            progress=False,
+        )
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+# ---------------------------------------------------------- torchrun (DistributedDataParallel)
+
+
+def test_torchrun_two_processes_match_a_single_process_run(tmp_path, tiny_raw):
+    import preprocess_script
+
+    cfg = write_config(tmp_path, tiny_raw, training={"augment": "false"}, testing={"figures": 0})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "trainandtest_script.py"),
+            "--config",
+            str(cfg),
+            "--set",
+            f"paths.output_dir={tmp_path / 'single'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "trainandtest_script.py"),
+            "--config",
+            str(cfg),
+            "--set",
+            f"paths.output_dir={tmp_path / 'ddp'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert double.returncode == 0, double.stderr
+    # rank 0 alone reports and writes: one log line per epoch, one summary
+    assert double.stdout.count("epoch 1/2") == 1
+    assert double.stdout.count("test on ") == 1
+    one = pd.read_csv(tmp_path / "single" / "metrics_epochs.csv")
+    two = pd.read_csv(tmp_path / "ddp" / "metrics_epochs.csv")
+    for column in [c for c in one.columns if c.startswith(("val_", "train_loss"))]:
+        assert np.allclose(one[column], two[column], atol=2e-3), column
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir()
+    )
+    # a distributed checkpoint loads in a single process (no "module." prefixes)
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    UNet3D(**state["model_args"]).load_state_dict(state["model"])

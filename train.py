@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -150,6 +149,10 @@ def load_or_make_split(
 
 def read_volume(path: str | Path, dtype: np.dtype) -> np.ndarray:
     """A preprocessed grid file as a numpy array (slices, height, width)."""
+    # Imported here: training from in-memory tensors (bench.py on a GPU machine that lacks
+    # SimpleITK) must not need it.
+    import SimpleITK as sitk
+
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(dtype, copy=False)
 
 
@@ -171,8 +174,20 @@ class VolumeDataset(Dataset):
             images, masks = self._read(range(len(self.image_paths)))
             self.cache = (images.to(cache_device), masks.to(cache_device))
 
+    @classmethod
+    def from_arrays(
+        cls, images: np.ndarray, masks: np.ndarray, device: torch.device
+    ) -> VolumeDataset:
+        """An in-memory dataset: images (N, D, H, W) float32, masks (N, D, H, W) uint8."""
+        dataset = cls([], [], None)
+        dataset.cache = (
+            torch.as_tensor(images, dtype=torch.float32)[:, None].to(device),
+            torch.as_tensor(masks, dtype=torch.uint8).to(device),
+        )
+        return dataset
+
     def __len__(self) -> int:
-        return len(self.image_paths)
+        return len(self.image_paths) if self.cache is None else len(self.cache[0])
 
     def _read(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
         images = np.stack([read_volume(self.image_paths[i], np.float32) for i in positions])

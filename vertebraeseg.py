@@ -28,6 +28,7 @@ CANONICAL = "PIR"
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
 NAME_PATTERN = re.compile(r"(?P<patient>[A-Za-z0-9-]+)_(?P<sequence>[A-Za-z0-9_]+)")
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x spacing)
+MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
 PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
 
 
@@ -88,7 +89,7 @@ def discover_cases(
         for stem, paths in found.items():
             if len(paths) > 1:
                 names = " and ".join(p.name for p in paths)
-                problems.append((f"{folder.name}/{stem}", f"duplicate case id: {names}"))
+                problems.append((stem, f"duplicate case id in {folder.name}/: {names}"))
             else:
                 unique[stem] = paths[0]
         return unique
@@ -257,9 +258,13 @@ def crop_box(
     (numpy z,y,x class indices on image's grid) the box is widened to hold every labelled
     voxel; the flag says whether that happened.
     """
-    box = bounding_box(sitk.GetArrayViewFromImage(body))
-    if box is None:
-        raise CaseError("crop would be empty: no foreground above the Otsu threshold")
+    body_array = sitk.GetArrayViewFromImage(body)
+    if np.count_nonzero(body_array) < MIN_BODY_VOXELS:
+        raise CaseError(
+            f"crop would be empty: the body found by Otsu + closing has "
+            f"{np.count_nonzero(body_array)} voxels at body-mask resolution (< {MIN_BODY_VOXELS})"
+        )
+    box = bounding_box(body_array)
     corners = []
     for corner in (box[0][::-1] - 0.5, box[1][::-1] - 0.5):  # outer voxel edges, x,y,z
         point = body.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
