@@ -14,7 +14,10 @@ import torch
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64 counts, rows = true class, columns = predicted; any shape, same device."""
     flat = target.reshape(-1).long() * num_classes + pred.reshape(-1).long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+    counts = torch.zeros(num_classes**2, dtype=torch.int64, device=flat.device)
+    # scatter_add_ rather than bincount: bincount syncs with the host on CUDA to size its output
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return counts.reshape(num_classes, num_classes)
 
 
 def scores_from_confusion(confusion: np.ndarray) -> dict[str, object]:

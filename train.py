@@ -197,8 +197,19 @@ class VolumeDataset(Dataset):
     def __getitem__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is None:
             return self._read(positions)
-        index = torch.as_tensor(positions, device=self.cache[0].device)
+        index = torch.as_tensor(positions)
+        if self.cache[0].is_cuda:  # pinned + non_blocking: no wait for the GPU's queue
+            index = index.pin_memory().to(self.cache[0].device, non_blocking=True)
         return self.cache[0].index_select(0, index), self.cache[1].index_select(0, index)
+
+
+def choose_cache(nbytes: int, device: torch.device, on_device: bool) -> torch.device | None:
+    """Where the dataset lives: the GPU (on_device, when it takes < 30% of the free GPU memory),
+    host memory (when it takes < 50% of the available RAM), else None (read per batch)."""
+    if on_device and device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
+        return device
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return torch.device("cpu") if nbytes < 0.5 * available else None
 
 
 class ShardSampler(Sampler[int]):
@@ -234,23 +245,35 @@ def augment_batch(
     (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
     flip. Images bilinear, masks nearest. Intensity: scale and shift (+-aug_intensity), gamma
     (exp(+-aug_gamma)) on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise).
-    Random draws use torch's global generators (saved in checkpoints).
+    Random draws are made on the batch's device (no host round trip) with torch's global
+    generators, whose states the checkpoints save.
     """
     batch, device = images.shape[0], images.device
     depth, height, width = images.shape[2:]
-    angle = (torch.rand(batch) * 2 - 1) * math.radians(settings.aug_rotation_deg)
-    zoom = 1 + (torch.rand(batch) * 2 - 1) * settings.aug_scale
-    flip = torch.ones(batch)
+
+    def uniform(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.rand(*shape, device=device) * 2 - 1) * scale
+
+    angle = uniform(batch, scale=math.radians(settings.aug_rotation_deg))
+    zoom = 1 + uniform(batch, scale=settings.aug_scale)
+    flip = torch.ones(batch, device=device)
     if settings.aug_flip_lr:
-        flip = torch.where(torch.rand(batch) < 0.5, -1.0, 1.0)
+        flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
     aspect = height / width  # normalised coordinates -> roughly physical in-plane ratio
-    theta = torch.zeros(batch, 3, 4)
-    theta[:, 0, 0] = torch.cos(angle) / zoom
-    theta[:, 0, 1] = -torch.sin(angle) * aspect / zoom
-    theta[:, 1, 0] = torch.sin(angle) / aspect / zoom
-    theta[:, 1, 1] = torch.cos(angle) / zoom
-    theta[:, 2, 2] = flip / zoom
-    grid = F.affine_grid(theta.to(device), [batch, 1, depth, height, width], align_corners=False)
+    zeros = torch.zeros(batch, device=device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = (
+        torch.stack(
+            [
+                torch.stack([cos, -sin * aspect, zeros, zeros], 1),
+                torch.stack([sin / aspect, cos, zeros, zeros], 1),
+                torch.stack([zeros, zeros, flip, zeros], 1),
+            ],
+            1,
+        )
+        / zoom[:, None, None]
+    )
+    grid = F.affine_grid(theta, [batch, 1, depth, height, width], align_corners=False)
     images = F.grid_sample(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
@@ -261,11 +284,11 @@ def augment_batch(
     shape = (batch, 1, 1, 1, 1)
     low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
     span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
-    gamma = torch.exp((torch.rand(shape) * 2 - 1) * settings.aug_gamma).to(device)
+    gamma = torch.exp(uniform(*shape, scale=settings.aug_gamma))
     images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
-    gain = (1 + (torch.rand(shape) * 2 - 1) * settings.aug_intensity).to(device)
-    offset = ((torch.rand(shape) * 2 - 1) * settings.aug_intensity).to(device)
-    noise_std = (torch.rand(shape) * settings.aug_noise).to(device)
+    gain = 1 + uniform(*shape, scale=settings.aug_intensity)
+    offset = uniform(*shape, scale=settings.aug_intensity)
+    noise_std = torch.rand(shape, device=device) * settings.aug_noise
     images = images * gain + offset + torch.randn_like(images) * noise_std
     return images, masks
 
@@ -471,13 +494,16 @@ def fit(
     per_rank_batch = settings.batch_size // dist_info.world_size
     torch.manual_seed(settings.seed + dist_info.rank)
 
-    cache_device = device if (settings.cache_on_device and cuda) else torch.device("cpu")
+    if train_rows.empty:
+        raise ValueError("the split leaves no training case")
+    volume = read_volume(train_rows["out_image"].iloc[0], np.float32)
+    cache_device = choose_cache(
+        (len(train_rows) + len(val_rows)) * volume.size * 5, device, settings.cache_on_device
+    )
     train_set = VolumeDataset(
         list(train_rows["out_image"]), list(train_rows["out_mask"]), cache_device
     )
     val_set = VolumeDataset(list(val_rows["out_image"]), list(val_rows["out_mask"]), cache_device)
-    if len(train_set) == 0:
-        raise ValueError("the split leaves no training case")
     train_sampler = DistributedSampler(
         train_set, dist_info.world_size, dist_info.rank, shuffle=True, seed=settings.seed
     )
