@@ -110,6 +110,7 @@ class TrainingConfig:
     aug_noise: float = 0.05
     aug_flip_lr: bool = True
     device: str = "auto"
+    precision: str = "auto"
     compile: bool = False
     channels_last: bool = True
     cache_on_device: bool = True
@@ -169,6 +170,7 @@ CHOICES = {
     ("model", "norm"): ("instance", "batch", "group"),
     ("training", "scheduler"): ("cosine", "none"),
     ("training", "device"): ("auto", "cpu", "cuda", "mps"),
+    ("training", "precision"): ("auto", "bf16", "fp32"),
     ("testing", "checkpoint"): ("best", "last"),
 }
 POSITIVE = {

@@ -108,9 +108,10 @@ def ensure_raw_data(config: Config) -> None:
 def summarise(manifest: pd.DataFrame, out_dir: Path) -> str:
     ok = manifest[manifest["status"] == "ok"]
     skipped = manifest[manifest["status"] != "ok"]
+    widened = int(ok["crop_widened"].astype(str).eq("True").sum()) if "crop_widened" in ok else 0
     lines = [
         f"{out_dir}: {len(ok)} cases ok ({int(ok['reused'].sum())} up to date, reused), "
-        f"{len(skipped)} skipped"
+        f"{len(skipped)} skipped; {widened} crops widened to keep every label"
     ]
     lines += [f"  skipped {r.case_id}: {r.reason}" for r in skipped.itertuples()]
     return "\n".join(lines)

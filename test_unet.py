@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from config import PreprocessingConfig
 from store_plot_metrics import plot_overlay, write_csv
+from train import build_model, fast_settings
 from unet_model import UNet3D
 from vertebraeseg import (
     CANONICAL,
@@ -84,9 +85,9 @@ def case_metrics(
 
 def model_from_checkpoint(state: dict, device: torch.device) -> UNet3D:
     """Rebuild the network from a checkpoint alone (its model_args and weights), in eval mode."""
-    model = UNet3D(**state["model_args"])
+    model = build_model(state["model_args"], device, fast_settings(device)[1])
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    return model.eval()
 
 
 def preprocessing_from_checkpoint(state: dict) -> PreprocessingConfig:
@@ -101,13 +102,16 @@ def preprocessing_from_checkpoint(state: dict) -> PreprocessingConfig:
 def predict_probabilities(
     model: UNet3D, grid_image: sitk.Image, device: torch.device
 ) -> np.ndarray:
-    """Softmax probabilities (classes, slices, height, width) float32 for one grid image."""
+    """Softmax probabilities (classes, slices, height, width) float32 for one grid image.
+
+    bf16 autocast and channels_last_3d where the device gains from them (train.fast_settings).
+    """
     array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
     batch = torch.from_numpy(array)[None, None].to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    amp_dtype, channels_last = fast_settings(device)
+    if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(batch)
     return logits.float().softmax(dim=1)[0].cpu().numpy()
 
