@@ -392,9 +392,8 @@ def grid_to_scan(
         grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
         grid_map.CopyInformation(grid_reference)
         outside = 1.0 if index == 0 else 0.0
-        on_scan = sitk.GetArrayViewFromImage(
-            sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
-        )
+        resampled = sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
+        on_scan = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` must stay alive
         better = on_scan > best
         best[better] = on_scan[better]
         labels[better] = index
