@@ -481,6 +481,30 @@ def test_end_to_end_run_writes_every_output(trained_run):
     assert len(list((run / "figures").glob("*.png"))) == 1
 
 
+def test_external_labelled_folder_replaces_the_test_split(tmp_path, tiny_raw):
+    import preprocess_script
+    import trainandtest_script
+
+    external = tmp_path / "external"
+    generate_dataset(external, n_patients=2, seed=9, small=True)
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        paths={"test_raw_dir": external},
+        training={"epochs": 1},
+        testing={"figures": 0},
+    )
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert (tmp_path / "pre" / "external_test" / "manifest.csv").is_file()
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    split = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
+    assert "test" not in set(split["split"])  # every local patient trains or validates
+    metrics = pd.read_csv(tmp_path / "run" / "test_metrics.csv", dtype={"case_id": str})
+    assert sorted(metrics["case_id"].unique()) == ["1_t1", "1_t2", "2_t1", "2_t2"]
+    prediction = sitk.ReadImage(str(tmp_path / "run" / "predictions" / "2_t2.mha"))
+    assert prediction.GetSize() == sitk.ReadImage(str(external / "images" / "2_t2.mha")).GetSize()
+
+
 def test_predictions_carry_the_scan_geometry(trained_run, tiny_raw):
     run = trained_run / "run"
     for prediction_path in (run / "predictions").glob("*.mha"):
