@@ -7,9 +7,10 @@
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
 Options: --epochs N timed epochs (after one untimed warm-up epoch), --volumes N, --batch-size N
 (default [training] batch_size), --compile (torch.compile the pipeline), --device auto|cpu|cuda,
---threads N (CPU threads, 0: all cores), --config FILE ([training] weight decay, loss weights,
-augmentation, seed; [preprocessing]; [labels]), --work-dir DIR (temporary files go to a fresh
-folder inside it). The learning rate is fixed per preset (see Preset).
+--threads N (CPU threads, 0: all cores), --inference-only (the inference latency alone, e.g.
+`python bench.py --inference-only` for the seed model on a CPU), --config FILE ([training]
+weight decay, loss weights, augmentation, seed; [preprocessing]; [labels]), --work-dir DIR
+(temporary files go to a fresh folder inside it). The learning rate is fixed per preset.
 
 Grid (height, width, slices); tensors (batch, 1, slices, height, width). Measured:
 - training volumes/s over whole epochs (loading, augmentation, metrics included) on the same
@@ -398,16 +399,22 @@ def table(record: dict) -> str:
     """The human-readable summary of a record (the content of the JSON line)."""
     s, t = record["settings"], record["training"]
     inference, prep = record["inference"], record["preprocessing"]
-    agree = "yes" if t["dice_agree"] else "NO"
-    rows = [
-        ("training, pipeline", f"{t['pipeline_volumes_per_s']:.2f} volumes/s"),
-        ("training, seed-style loop", f"{t['baseline_volumes_per_s']:.2f} volumes/s"),
-        ("  its volumes are read from", t["baseline_reads"]),
-        ("  speed-up of the pipeline", f"{t['speedup']:.2f} x"),
-        ("validation Dice, pipeline", f"{t['pipeline_val_dice']:.3f}"),
-        ("validation Dice, seed-style loop", f"{t['baseline_val_dice']:.3f}"),
-        (f"  agree, |difference| <= {DICE_TOLERANCE}", f"{agree} ({t['dice_difference']:+.3f})"),
-    ]
+    if "skipped" in t:
+        rows = [("training", f"skipped: {t['skipped']}")]
+    else:
+        agree = "yes" if t["dice_agree"] else "NO"
+        rows = [
+            ("training, pipeline", f"{t['pipeline_volumes_per_s']:.2f} volumes/s"),
+            ("training, seed-style loop", f"{t['baseline_volumes_per_s']:.2f} volumes/s"),
+            ("  its volumes are read from", t["baseline_reads"]),
+            ("  speed-up of the pipeline", f"{t['speedup']:.2f} x"),
+            ("validation Dice, pipeline", f"{t['pipeline_val_dice']:.3f}"),
+            ("validation Dice, seed-style loop", f"{t['baseline_val_dice']:.3f}"),
+            (
+                f"  agree, |difference| <= {DICE_TOLERANCE}",
+                f"{agree} ({t['dice_difference']:+.3f})",
+            ),
+        ]
     if "skipped" in inference:
         rows.append(("inference per scan", f"skipped: {inference['skipped']}"))
     else:
@@ -425,7 +432,7 @@ def table(record: dict) -> str:
         f"bench {s['name']} on {record['device']['name']} ({record['device']['threads']} CPU "
         f"threads), torch {record['torch']}: grid {height}x{width}x{slices} (HxWxD), UNet3D base "
         f"{model['base_channels']} depth {model['depth']}, {s['volumes']} train + "
-        f"{t['val_volumes']} val volumes, batch {s['batch_size']}, lr {s['learning_rate']}, "
+        f"{t.get('val_volumes', 0)} val volumes, batch {s['batch_size']}, lr {s['learning_rate']}, "
         f"1 warm-up + {s['epochs']} timed epochs{', torch.compile' if s['compile'] else ''}"
     )
     return "\n".join([header] + [f"  {label:<36} {value}" for label, value in rows])
@@ -445,6 +452,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--config", type=Path, default=HERE / "configuration.txt")
     parser.add_argument("--work-dir", type=Path, help="folder for the temporary files")
+    parser.add_argument(
+        "--inference-only",
+        action="store_true",
+        help="measure only the end-to-end inference (e.g. the seed model on a CPU)",
+    )
     args = parser.parse_args(argv)
     for name in ("epochs", "volumes", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -480,14 +492,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
         work = Path(folder).resolve()
-        record["training"] = compare_training(run, work)
+        not_asked = {"skipped": "--inference-only"}
+        record["training"] = not_asked if args.inference_only else compare_training(run, work)
         record["inference"] = record["preprocessing"] = {"skipped": NO_SITK}
         if HAVE_SITK:
             log("inference latency")
             settings = replace(config.preprocessing, grid=preset.grid)
             record["inference"] = inference_latency(run, work, settings)
-            log("preprocessing throughput")
-            record["preprocessing"] = preprocessing_throughput(run, work, args.config.resolve())
+            record["preprocessing"] = not_asked
+            if not args.inference_only:
+                log("preprocessing throughput")
+                record["preprocessing"] = preprocessing_throughput(run, work, args.config.resolve())
     print(table(record))
     print(json.dumps(record))
     return 0

@@ -109,11 +109,11 @@ def predict_probabilities(
     array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
     batch = torch.from_numpy(array)[None, None].to(device)
     amp_dtype, channels_last = fast_settings(device)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last_3d)
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    batch = batch.contiguous(memory_format=layout)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(batch)
-    return logits.float().softmax(dim=1)[0].cpu().numpy()
+    return logits[0].float().softmax(dim=0).cpu().numpy()
 
 
 def back_to_scan(
