@@ -7,7 +7,6 @@ Figures written into a run folder:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,23 +16,21 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend is chosen first)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from atomic import atomic_path  # noqa: E402
+
 CURVES = {"loss": "loss", "accuracy": "accuracy", "f1": "f1_macro", "dice": "dice_mean"}
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
-    """Write a CSV through a temporary file and a rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    """Write a CSV atomically (temporary file, then rename): never half-written."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def plot_curves(history: pd.DataFrame, run_dir: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
+from atomic import atomic_path
 from config import ModelConfig, TrainingConfig
 from metrics import confusion_matrix, scores_from_confusion
 from store_plot_metrics import plot_curves, write_csv
@@ -439,11 +440,9 @@ def build_model(model_args: dict, device: torch.device, channels_last: bool) -> 
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save through a temporary file and a rename: a kill never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically: a kill never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

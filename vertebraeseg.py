@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from atomic import atomic_path
 from config import PreprocessingConfig
 
 CANONICAL = "PIR"
@@ -408,19 +408,15 @@ def labels_to_scan(grid_labels: sitk.Image, scan: sitk.Image) -> sitk.Image:
 
 
 def atomic_write_image(image: sitk.Image, path: Path, compress: bool = True) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    sitk.WriteImage(image, str(tmp), compress)
-    os.replace(tmp, path)
+    """Write an image atomically (see atomic.atomic_path): never a half-written file."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    """Text counterpart of atomic_write_image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def case_key(files: CaseFiles, settings: PreprocessingConfig, lookup: dict[int, int]) -> str:
