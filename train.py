@@ -488,6 +488,15 @@ def _epoch_row(prefix: str, scores: dict, class_names: tuple[str, ...]) -> dict[
     return row
 
 
+def epoch_line(row: dict, epochs: int) -> str:
+    """The one log line of an epoch (validation part only when there is a validation set)."""
+    text = f"epoch {row['epoch']}/{epochs} train loss {row['train_loss']:.4f} "
+    text += f"dice {row['train_dice_mean']:.3f}"
+    if "val_loss" in row:
+        text += f" val loss {row['val_loss']:.4f} dice {row['val_dice_mean']:.3f}"
+    return text + f" ({row['seconds']:.1f} s)"
+
+
 def fit(
     train_rows: pd.DataFrame,
     val_rows: pd.DataFrame,
@@ -669,14 +678,6 @@ def fit(
             table = pd.DataFrame(history)
             write_csv(table, run_dir / "metrics_epochs.csv")
             plot_curves(table, run_dir)
-            val_text = (
-                f" val loss {row['val_loss']:.4f} dice {row['val_dice_mean']:.3f}"
-                if len(val_set)
-                else ""
-            )
-            tqdm.write(
-                f"epoch {epoch}/{settings.epochs} train loss {row['train_loss']:.4f} "
-                f"dice {row['train_dice_mean']:.3f}{val_text} ({seconds:.1f} s)"
-            )
+            tqdm.write(epoch_line(row, settings.epochs))
         dist_info.barrier()
     return best_path
