@@ -108,7 +108,7 @@ def ensure_raw_data(config: Config) -> None:
 def summarise(manifest: pd.DataFrame, out_dir: Path) -> str:
     ok = manifest[manifest["status"] == "ok"]
     skipped = manifest[manifest["status"] != "ok"]
-    widened = int(ok["crop_widened"].astype(str).eq("True").sum()) if "crop_widened" in ok else 0
+    widened = int(ok["crop_widened"].eq(True).sum()) if "crop_widened" in ok else 0
     lines = [
         f"{out_dir}: {len(ok)} cases ok ({int(ok['reused'].sum())} up to date, reused), "
         f"{len(skipped)} skipped; {widened} crops widened to keep every label"

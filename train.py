@@ -148,6 +148,16 @@ def load_or_make_split(
     return patient_split(cases, val_fraction, test_fraction, seed)
 
 
+def volume_voxels(path: str | Path) -> int:
+    """Voxel count of a preprocessed grid file, from its header alone (no pixel data read)."""
+    import SimpleITK as sitk  # here for the same reason as in read_volume
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return int(np.prod(reader.GetSize()))
+
+
 def read_volume(path: str | Path, dtype: np.dtype) -> np.ndarray:
     """A preprocessed grid file as a numpy array (slices, height, width)."""
     # Imported here: training from in-memory tensors (bench.py on a GPU machine that lacks
@@ -529,9 +539,9 @@ def fit(
 
     if train_rows.empty:
         raise ValueError("the split leaves no training case")
-    volume = read_volume(train_rows["out_image"].iloc[0], np.float32)
+    voxels = volume_voxels(train_rows["out_image"].iloc[0])
     cache_device = choose_cache(
-        (len(train_rows) + len(val_rows)) * volume.size * 5, device, settings.cache_on_device
+        (len(train_rows) + len(val_rows)) * voxels * 5, device, settings.cache_on_device
     )
     train_set = VolumeDataset(
         list(train_rows["out_image"]), list(train_rows["out_mask"]), cache_device
