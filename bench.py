@@ -6,7 +6,8 @@
     python bench.py               full size: the seed's UNet3D 32-64-128-256-512 on the 256x128x32
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
 Options: --epochs N timed epochs (after one untimed warm-up epoch), --volumes N, --batch-size N
-(default [training] batch_size), --compile (torch.compile the pipeline), --device auto|cpu|cuda,
+(default [training] batch_size), --compile (torch.compile the pipeline), --precision
+auto|bf16|fp32 (the pipeline's; default [training] precision), --device auto|cpu|cuda,
 --threads N (CPU threads, 0: all cores), --inference-only (the inference latency alone, e.g.
 `python bench.py --inference-only` for the seed model on a CPU), --config FILE ([training]
 weight decay, loss weights, augmentation, seed; [preprocessing]; [labels]), --work-dir DIR
@@ -16,10 +17,10 @@ Grid (height, width, slices); tensors (batch, 1, slices, height, width). Measure
 - training volumes/s over whole epochs (loading, augmentation, metrics included) on the same
   synthetic volumes with 4 learnable classes, for the pipeline (train.VolumeDataset cached, on
   the GPU with CUDA; make_loader over a DistributedSampler of world 1; run_epoch with
-  augmentation; bf16 autocast and channels_last_3d where the device gains from them
-  (train.fast_settings); on CUDA fused AdamW, cudnn.benchmark) and for
-  a seed-style loop (fp32, eager; DataLoader(batch_size, shuffle) over a Dataset reading each
-  volume from an uncompressed .mha file with SimpleITK at every access, the seed's best case;
+  augmentation; bf16 autocast where the device computes bf16 natively and channels_last_3d
+  (train.fast_settings; the table's header says which); on CUDA fused AdamW, cudnn.benchmark)
+  and for a seed-style loop (fp32, eager; DataLoader(batch_size, shuffle) over a Dataset reading
+  each volume from an uncompressed .mha file with SimpleITK at every access, the seed's best case;
   cross-entropy; AdamW; sklearn accuracy_score and f1_score(average="macro") on every batch);
 - validation Dice (mean over the foreground classes) of both after that schedule, from the same
   initial weights, and whether they agree within DICE_TOLERANCE;
@@ -127,6 +128,11 @@ class Run:
         return self.device.type == "cuda"
 
     @property
+    def fast_settings(self) -> tuple[torch.dtype | None, bool]:
+        """The pipeline's (autocast dtype or None, channels_last_3d): train.fast_settings."""
+        return fast_settings(self.device, self.training.precision, self.training.channels_last)
+
+    @property
     def model_args(self) -> dict[str, object]:
         return {"in_channels": 1, "num_classes": len(CLASS_MEANS), **asdict(self.preset.model)}
 
@@ -210,11 +216,10 @@ def volumes_per_second(run: Run, one_epoch, volumes: int) -> float:
 def validation_dice(run: Run, network: nn.Module, val_set: VolumeDataset, fast: bool) -> float:
     """Mean Dice over the foreground classes (train.run_epoch without an optimizer).
 
-    fast: evaluate as the pipeline does (train.fast_settings: bf16 autocast, channels_last_3d
-    where the device gains from them); else fp32 as the seed did.
+    fast: evaluate as the pipeline trained (Run.fast_settings); else fp32 as the seed did.
     """
     loader = make_loader(val_set, ShardSampler(len(val_set), 0, 1), run.training.batch_size, 0)
-    amp_dtype, channels_last = fast_settings(run.device) if fast else (None, False)
+    amp_dtype, channels_last = run.fast_settings if fast else (None, False)
     loss_fn = SegmentationLoss(len(CLASS_MEANS))
     totals = run_epoch(network, loader, loss_fn, run.device, None, None, amp_dtype, channels_last)
     return float(np.nanmean(totals.scores(Distributed())["dice"][1:]))
@@ -225,7 +230,7 @@ def train_pipeline(run: Run, images: np.ndarray, masks: np.ndarray) -> tuple[nn.
     training, device, cuda = run.training, run.device, run.cuda
     torch.backends.cudnn.benchmark = cuda
     torch.manual_seed(training.seed)
-    amp_dtype, channels_last = fast_settings(device, training.precision, training.channels_last)
+    amp_dtype, channels_last = run.fast_settings
     model = build_model(run.model_args, device, channels_last)
     network = torch.compile(model) if run.compile else model
     optimizer = torch.optim.AdamW(
@@ -433,7 +438,9 @@ def table(record: dict) -> str:
         f"threads), torch {record['torch']}: grid {height}x{width}x{slices} (HxWxD), UNet3D base "
         f"{model['base_channels']} depth {model['depth']}, {s['volumes']} train + "
         f"{t.get('val_volumes', 0)} val volumes, batch {s['batch_size']}, lr {s['learning_rate']}, "
-        f"1 warm-up + {s['epochs']} timed epochs{', torch.compile' if s['compile'] else ''}"
+        f"1 warm-up + {s['epochs']} timed epochs; pipeline {s['precision']}"
+        f"{', channels_last_3d' if s['channels_last'] else ''}"
+        f"{', torch.compile' if s['compile'] else ''}"
     )
     return "\n".join([header] + [f"  {label:<36} {value}" for label, value in rows])
 
@@ -448,6 +455,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--volumes", type=int, help="training volumes")
     parser.add_argument("--batch-size", type=int, help="default: [training] batch_size")
     parser.add_argument("--compile", action="store_true", help="torch.compile the pipeline")
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), help="default: [training] precision"
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     parser.add_argument("--config", type=Path, default=HERE / "configuration.txt")
@@ -472,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         config.training,
         batch_size=args.batch_size or config.training.batch_size,
         learning_rate=preset.learning_rate,
+        precision=args.precision or config.training.precision,
     )
     device = pick_device("cuda" if args.gpu_check and args.device == "auto" else args.device)
     run = Run(preset, training, device, args.compile)
@@ -487,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate": training.learning_rate,
             "weight_decay": training.weight_decay,
             "compile": args.compile,
+            "precision": "bf16" if run.fast_settings[0] else "fp32",
+            "channels_last": run.fast_settings[1],
             "dice_tolerance": DICE_TOLERANCE,
         },
     }

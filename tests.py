@@ -24,11 +24,12 @@ from test_unet import overlap_and_distances, segment_scan
 from train import (
     NonFiniteLossError,
     SegmentationLoss,
+    bf16_supported,
     fit,
     load_checkpoint,
     patient_split,
 )
-from unet_model import UNet3D
+from unet_model import Conv3d, UNet3D
 from vertebraeseg import (
     CaseError,
     CaseFiles,
@@ -363,6 +364,24 @@ def test_seed_architecture_channels():
     model = UNet3D(num_classes=20)
     widths = [block[0].out_channels for block in model.encoders]
     assert widths == [32, 64, 128, 256, 512]
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_bf16_weight_gradients_of_two_slice_inputs_match_fp32():
+    """oneDNN's bf16 kernel returns wrong weight gradients for this shape; Conv3d must not."""
+    torch.manual_seed(0)
+    conv = Conv3d(32, 32, 3, padding=1, bias=False)
+    for slices, dtype in [(2, torch.float32), (4, torch.bfloat16)]:
+        image, grad = torch.randn(2, 32, slices, 8, 4), torch.randn(2, 32, slices, 8, 4)
+        conv(image).backward(grad)
+        reference, conv.weight.grad = conv.weight.grad, None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(image)
+        out.backward(grad.to(out.dtype))
+        assert out.dtype == dtype
+        error = (conv.weight.grad - reference).abs().max() / reference.abs().max()
+        assert error < 0.02, (slices, float(error))
+        conv.weight.grad = None
 
 
 def test_loss_decreases_when_overfitting_one_case():

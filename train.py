@@ -421,7 +421,7 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
 
@@ -430,15 +430,15 @@ def fast_settings(
 ) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None for fp32, use channels_last_3d) for a device.
 
-    precision auto: bf16 autocast on CUDA GPUs that compute bf16 natively, else fp32. On CPUs
-    bf16 is opt-in (precision = bf16): oneDNN's bf16 kernels were seen to turn a 3-D U-Net's
-    training loss NaN within a few dozen steps where fp32 trained normally.
+    precision auto: bf16 autocast where the device computes bf16 natively (CUDA GPUs from
+    Ampere on; CPUs with AVX512-BF16 or AMX), else fp32. On CPUs, unet_model.Conv3d keeps the
+    one convolution shape that oneDNN's bf16 kernel gets wrong in fp32.
     channels_last_3d pays on CUDA and on CPUs (oneDNN), not on MPS.
     """
-    if precision == "bf16" and not bf16_supported(device):
+    native = bf16_supported(device)
+    if precision == "bf16" and not native:
         raise ValueError(f"[training] precision = bf16, but {device} has no native bf16")
-    native = device.type == "cuda" and bf16_supported(device)
-    use_bf16 = precision == "bf16" or (precision == "auto" and native)
+    use_bf16 = native and precision != "fp32"
     return (torch.bfloat16 if use_bf16 else None), channels_last and device.type != "mps"
 
 

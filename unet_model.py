@@ -25,15 +25,32 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm {kind!r}: choose one of {', '.join(NORMS)}")
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d, but in fp32 where the CPU's bf16 kernel is wrong.
+
+    Under CPU bf16 autocast, oneDNN (torch 2.13) returns wrong, often non-finite, weight
+    gradients for a 3x3x3 convolution of an input with exactly 2 slices and 16 or more channels:
+    the bottleneck of a U-Net on a 16- or 32-slice grid. Such inputs are convolved in fp32 (a
+    small share of the work); every other case is plain nn.Conv3d. Same parameters, same
+    checkpoint keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[2] == 2 and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class ConvBlock(nn.Sequential):
     """(3x3x3 conv -> norm -> LeakyReLU) twice; keeps the spatial size."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
+            Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
             make_norm(norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
             make_norm(norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
