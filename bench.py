@@ -335,7 +335,9 @@ def inference_latency(run: Run, work: Path, settings: PreprocessingConfig) -> di
         clock.append(time.perf_counter())
         grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
         clock.append(time.perf_counter())
-        probabilities = predict_probabilities(model, grid.image, run.device)  # on the host
+        probabilities = predict_probabilities(  # on the host
+            model, grid.image, run.device, run.training.precision
+        )
         clock.append(time.perf_counter())
         prediction = back_to_scan(probabilities, grid.image, scan, map_probabilities=True)
         clock.append(time.perf_counter())

@@ -19,7 +19,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from store_plot_metrics import write_csv
-from test_unet import model_from_checkpoint, preprocessing_from_checkpoint, segment_scan
+from test_unet import (
+    model_from_checkpoint,
+    precision_from_checkpoint,
+    preprocessing_from_checkpoint,
+    segment_scan,
+)
 from train import configure_threads, load_checkpoint, pick_device
 from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
 
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     model = model_from_checkpoint(state, device)
     settings = preprocessing_from_checkpoint(state)
+    precision = precision_from_checkpoint(state)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     classes = pd.DataFrame(
         {"index": range(len(state["class_names"])), "class": state["class_names"]}
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in tqdm(args.inputs, desc="predict", unit="scan"):
         try:
             scan = read_scan(path, "input")
-            mask = segment_scan(model, scan, settings, device, not args.labels_nearest)
+            mask = segment_scan(model, scan, settings, device, not args.labels_nearest, precision)
         except (CaseError, OSError) as err:
             tqdm.write(f"error: {path}: {err}")
             failed += 1

@@ -83,6 +83,12 @@ def case_metrics(
     return rows
 
 
+def precision_from_checkpoint(state: dict) -> str:
+    """Inference precision: fp32 for a model trained with precision = fp32, else auto (bf16
+    where this device computes it natively; a bf16-trained model also runs where it does not)."""
+    return "fp32" if state["config"]["training"]["precision"] == "fp32" else "auto"
+
+
 def model_from_checkpoint(state: dict, device: torch.device) -> UNet3D:
     """Rebuild the network from a checkpoint alone (its model_args and weights), in eval mode."""
     model = build_model(state["model_args"], device, fast_settings(device)[1])
@@ -100,15 +106,15 @@ def preprocessing_from_checkpoint(state: dict) -> PreprocessingConfig:
 
 @torch.no_grad()
 def predict_probabilities(
-    model: UNet3D, grid_image: sitk.Image, device: torch.device
+    model: UNet3D, grid_image: sitk.Image, device: torch.device, precision: str = "auto"
 ) -> np.ndarray:
     """Softmax probabilities (classes, slices, height, width) float32 for one grid image.
 
-    bf16 autocast and channels_last_3d where the device gains from them (train.fast_settings).
+    precision auto|bf16|fp32 as in [training]; with channels_last_3d (train.fast_settings).
     """
     array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
     batch = torch.from_numpy(array)[None, None].to(device)
-    amp_dtype, channels_last = fast_settings(device)
+    amp_dtype, channels_last = fast_settings(device, precision)
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     batch = batch.contiguous(memory_format=layout)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -133,10 +139,11 @@ def segment_scan(
     settings: PreprocessingConfig,
     device: torch.device,
     map_probabilities: bool = True,
+    precision: str = "auto",
 ) -> sitk.Image:
     """A scan without mask (any orientation) -> its uint8 class-index mask, same geometry."""
     grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
-    probabilities = predict_probabilities(model, grid.image, device)
+    probabilities = predict_probabilities(model, grid.image, device, precision)
     return back_to_scan(probabilities, grid.image, scan, map_probabilities)
 
 
@@ -168,8 +175,10 @@ def evaluate_checkpoint(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Test a checkpoint on preprocessed, labelled cases (manifest rows: case_id, image_path,
     mask_path, out_image). Writes predictions, test_metrics.csv, test_summary.csv and figures
-    of the `figures` cases with the lowest mean Dice. Returns (metrics, summary)."""
+    of the `figures` cases with the lowest mean Dice. Predicts at the checkpoint's precision.
+    Returns (metrics, summary)."""
     model = model_from_checkpoint(state, device)
+    precision = precision_from_checkpoint(state)
     class_names = tuple(state["class_names"])
     rows, shown = [], []
     for case in tqdm(cases.itertuples(), total=len(cases), desc="test", disable=not progress):
@@ -178,7 +187,7 @@ def evaluate_checkpoint(
         reference = sitk.GetImageFromArray(map_labels(sitk.GetArrayFromImage(raw_mask), lookup))
         reference.CopyInformation(scan)
         grid_image = sitk.ReadImage(str(case.out_image))
-        probabilities = predict_probabilities(model, grid_image, device)
+        probabilities = predict_probabilities(model, grid_image, device, precision)
         prediction = back_to_scan(probabilities, grid_image, scan, map_probabilities)
         atomic_write_image(prediction, run_dir / "predictions" / f"{case.case_id}.mha")
         case_rows = [

@@ -575,6 +575,22 @@ def test_checkpoint_rebuilds_the_model_alone(trained_run):
     assert state["config"]["training"]["epochs"] == 2 and state["epoch"] == 2
 
 
+def test_bf16_and_fp32_predictions_agree(trained_run):
+    from test_unet import model_from_checkpoint, precision_from_checkpoint, predict_probabilities
+
+    state = load_checkpoint(trained_run / "run" / "checkpoints" / "best.pt")
+    assert precision_from_checkpoint(state) == "auto"
+    cpu = torch.device("cpu")
+    model = model_from_checkpoint(state, cpu)
+    grid_image = sitk.ReadImage(str(sorted((trained_run / "pre" / "images").glob("*.mha"))[0]))
+    fp32 = predict_probabilities(model, grid_image, cpu, "fp32")
+    auto = predict_probabilities(model, grid_image, cpu, "auto")  # bf16 where native
+    assert fp32.shape == auto.shape == (4, 8, 32, 16)
+    assert np.allclose(fp32.sum(0), 1, atol=1e-5)
+    assert np.abs(fp32 - auto).max() < 0.05
+    assert (fp32.argmax(0) == auto.argmax(0)).mean() > 0.98
+
+
 def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
     import preprocess_script
     import trainandtest_script
