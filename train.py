@@ -641,6 +641,7 @@ def fit(
                 f"non-finite training loss in epoch {epoch}, batch "
                 f"{train_scores['first_bad_batch']}: stopped; the last good checkpoint "
                 f"{last_path} is kept"
+                + (" (bf16 autocast was on: try [training] precision = fp32)" if amp_dtype else "")
             )
         row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
         scheduler.step()
