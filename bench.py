@@ -488,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = pick_device("cuda" if args.gpu_check and args.device == "auto" else args.device)
     run = Run(preset, training, device, args.compile)
+    amp_dtype, channels_last = run.fast_settings
     configure_threads(args.threads, 1)
     name = torch.cuda.get_device_name(device) if run.cuda else platform.machine()
     record: dict[str, object] = {
@@ -500,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             "learning_rate": training.learning_rate,
             "weight_decay": training.weight_decay,
             "compile": args.compile,
-            "precision": "bf16" if run.fast_settings[0] else "fp32",
-            "channels_last": run.fast_settings[1],
+            "precision": "bf16" if amp_dtype else "fp32",
+            "channels_last": channels_last,
             "dice_tolerance": DICE_TOLERANCE,
         },
     }
