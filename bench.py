@@ -64,6 +64,7 @@ from train import (
     configure_threads,
     fast_settings,
     make_loader,
+    make_optimizer,
     pick_device,
     read_volume,
     run_epoch,
@@ -233,9 +234,7 @@ def train_pipeline(run: Run, images: np.ndarray, masks: np.ndarray) -> tuple[nn.
     amp_dtype, channels_last = run.fast_settings
     model = build_model(run.model_args, device, channels_last)
     network = torch.compile(model) if run.compile else model
-    optimizer = torch.optim.AdamW(
-        model.parameters(), training.learning_rate, weight_decay=training.weight_decay, fused=cuda
-    )
+    optimizer = make_optimizer(model, training)
     loss_fn = SegmentationLoss(len(CLASS_MEANS), training.ce_weight, training.dice_weight)
     train_set = VolumeDataset.from_arrays(images, masks, device)
     sampler = DistributedSampler(train_set, 1, 0, shuffle=True, seed=training.seed)

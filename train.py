@@ -449,6 +449,17 @@ def build_model(model_args: dict, device: torch.device, channels_last: bool) -> 
     return model
 
 
+def make_optimizer(model: nn.Module, settings: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW at [training] learning_rate and weight_decay; fused when the model is on CUDA."""
+    cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        fused=cuda,
+    )
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save atomically: a kill never leaves a torn checkpoint."""
     with atomic_path(path) as tmp:
@@ -573,12 +584,7 @@ def fit(
                 "use norm = instance or group on CPU"
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        fused=cuda,
-    )
+    optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda epoch: learning_rate_factor(
