@@ -259,10 +259,11 @@ def crop_box(
     voxel; the flag says whether that happened.
     """
     body_array = sitk.GetArrayViewFromImage(body)
-    if np.count_nonzero(body_array) < MIN_BODY_VOXELS:
+    body_voxels = np.count_nonzero(body_array)
+    if body_voxels < MIN_BODY_VOXELS:
         raise CaseError(
             f"crop would be empty: the body found by Otsu + closing has "
-            f"{np.count_nonzero(body_array)} voxels at body-mask resolution (< {MIN_BODY_VOXELS})"
+            f"{body_voxels} voxels at body-mask resolution (< {MIN_BODY_VOXELS})"
         )
     box = bounding_box(body_array)
     corners = []
