@@ -44,12 +44,13 @@ class DataConfig:
 class LabelsConfig:
     """Foreground classes in index order (background is class 0).
 
-    classes: ((name, (raw values...)), ...). With instances=True every raw value is its own
-    class, named "<name>_<value>", in the order the values are listed.
+    classes: ((name, (raw values...)), ...). With one_class_per_value=True every raw value is
+    its own class, named "<name>_<value>", in the order the values are listed. (Not to be
+    confused with [testing] instances, which separates vertebrae and discs after prediction.)
     """
 
     classes: tuple[tuple[str, tuple[int, ...]], ...]
-    instances: bool = False
+    one_class_per_value: bool = False
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -125,6 +126,8 @@ class TestingConfig:
     checkpoint: str = "best"
     map_probabilities: bool = True
     figures: int = 4
+    instances: bool = False
+    min_instance_mm3: float = 100.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,7 @@ class Config:
             section = getattr(self, field.name)
             if field.name == "labels":
                 values = {name: format_values(vals) for name, vals in section.classes}
-                values["instances"] = section.instances
+                values["one_class_per_value"] = section.one_class_per_value
                 out["labels"] = values
                 continue
             out[field.name] = {
@@ -277,12 +280,17 @@ def _typed_section(parser: configparser.ConfigParser, name: str, cls: type, base
 def _labels_section(parser: configparser.ConfigParser) -> LabelsConfig:
     if not parser.has_section("labels"):
         raise ConfigError("[labels] is missing: name at least one foreground class")
-    instances = False
+    one_class_per_value = False
     classes: list[tuple[str, tuple[int, ...]]] = []
     for key, text in parser.items("labels"):
         where = f"[labels] {key}"
         if key == "instances":
-            instances = typing.cast(bool, _convert(text, bool, where, Path()))
+            raise ConfigError(
+                f"{where}: renamed to one_class_per_value (every raw value its own class); "
+                "vertebra and disc instances after prediction are [testing] instances"
+            )
+        if key == "one_class_per_value":
+            one_class_per_value = typing.cast(bool, _convert(text, bool, where, Path()))
         elif key == BACKGROUND or not re.fullmatch(r"[a-z][a-z0-9_]*", key):
             raise ConfigError(f"{where}: class names are lower-case identifiers, not {key!r}")
         else:
@@ -295,9 +303,9 @@ def _labels_section(parser: configparser.ConfigParser) -> LabelsConfig:
             if value in seen:
                 raise ConfigError(f"[labels] value {value} is in both {seen[value]} and {name}")
             seen[value] = name
-    if instances:
+    if one_class_per_value:
         classes = [(f"{name}_{v}", (v,)) for name, values in classes for v in values]
-    return LabelsConfig(classes=tuple(classes), instances=instances)
+    return LabelsConfig(classes=tuple(classes), one_class_per_value=one_class_per_value)
 
 
 def _check(config: Config) -> None:
@@ -343,6 +351,10 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[preprocessing] {key} = {getattr(p, key)!r}: must be >= 0")
     if config.testing.figures < 0:
         raise ConfigError(f"[testing] figures = {config.testing.figures}: must be >= 0")
+    if config.testing.min_instance_mm3 < 0:
+        raise ConfigError(
+            f"[testing] min_instance_mm3 = {config.testing.min_instance_mm3}: must be >= 0"
+        )
     if not config.data.sequences:
         raise ConfigError("[data] sequences is empty")
     _check_paths(config.paths)

@@ -5,7 +5,8 @@
 INPUT: any 3-D scalar image SimpleITK reads (.mha, .nii.gz, .nrrd, ...), in any orientation.
 Writes DIR/<input name>.mha: uint8 class indices (0 background, then the [labels] classes in
 order, listed in DIR/classes.csv) with exactly the scan's size, spacing, origin and direction.
-The scan is preprocessed with the settings stored in the checkpoint. A bad input is reported
+The scan is preprocessed by the plan stored in the checkpoint (never the current configuration
+file), through the same function the test loop uses. A bad input is reported
 with its reason and skipped; the exit status is 0 when every input was segmented, else 1.
 """
 
@@ -19,12 +20,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from store_plot_metrics import write_csv
-from test_unet import (
-    model_from_checkpoint,
-    precision_from_checkpoint,
-    preprocessing_from_checkpoint,
-    segment_scan,
-)
+from test_unet import Predictor, segment_scan
 from train import configure_threads, load_checkpoint, pick_device
 from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
 
@@ -46,26 +42,25 @@ def main(argv: list[str] | None = None) -> int:
         help="map grid labels back by nearest neighbour instead of resampling probabilities",
     )
     args = parser.parse_args(argv)
+    configure_threads(0, 1)
     try:
         state = load_checkpoint(args.checkpoint)
+        predictor = Predictor.from_checkpoint(
+            state, pick_device(args.device), not args.labels_nearest
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    configure_threads(0, 1)
-    device = pick_device(args.device)
-    model = model_from_checkpoint(state, device)
-    settings = preprocessing_from_checkpoint(state)
-    precision = precision_from_checkpoint(state)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     classes = pd.DataFrame(
         {"index": range(len(state["class_names"])), "class": state["class_names"]}
     )
     write_csv(classes, args.output_dir / "classes.csv")
     failed = 0
-    for path in tqdm(args.inputs, desc="predict", unit="scan"):
+    for path in tqdm(args.inputs, desc="predict", unit="scan", disable=not sys.stderr.isatty()):
         try:
             scan = read_scan(path, "input")
-            mask = segment_scan(model, scan, settings, device, not args.labels_nearest, precision)
+            mask = segment_scan(predictor, scan).classes
         except (CaseError, OSError) as err:
             tqdm.write(f"error: {path}: {err}")
             failed += 1

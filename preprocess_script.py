@@ -5,8 +5,10 @@
 Reads [paths] raw_dir (SPIDER layout: images/, masks/, optional overview.csv) and writes
 preprocessed_dir/images/<case>.mha (float32 grid image), preprocessed_dir/masks/<case>.mha
 (uint8 class indices), preprocessed_dir/records/<case>.json (what makes a rerun skip the case)
-and preprocessed_dir/manifest.csv (one row per case, ok or skipped with the reason).
-When [paths] test_raw_dir is set, that labelled folder goes to preprocessed_dir/external_test/.
+preprocessed_dir/manifest.csv (one row per case, ok or skipped with the reason) and
+preprocessed_dir/plan.json (every setting that decides the data: training checks it against the
+configuration, and each checkpoint carries it). Test cases, [paths] test_raw_dir included, are
+not preprocessed here: the test loop segments them from their raw scans, as a user's scans are.
 With [data] synthetic_demo = true a missing raw_dir is filled with the synthetic demo set first.
 
 Exit status: 0 all cases ok, 3 some cases skipped (the summary says how many), 1 no usable case
@@ -27,11 +29,11 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from config import Config, ConfigError, PreprocessingConfig, driver_arguments, load_config
+from plan import make_plan, write_plan
 from synthetic_spine import generate_dataset
 from vertebraeseg import atomic_write_text, discover_cases, preprocess_case, read_overview
 
 EXIT_SKIPPED = 3
-EXTERNAL_TEST = "external_test"
 
 
 def _single_threaded_worker() -> None:
@@ -117,31 +119,28 @@ def summarise(manifest: pd.DataFrame, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run(config: Config, progress: bool = True) -> int:
-    """Preprocess raw_dir (and test_raw_dir); print the summary; return the exit status."""
+def run(config: Config, progress: bool | None = None) -> int:
+    """Preprocess raw_dir, record plan.json, print the summary; return the exit status.
+
+    progress: a tqdm bar (default: only when stderr is a terminal)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     ensure_raw_data(config)
-    if config.paths.test_raw_dir is not None and not config.paths.test_raw_dir.is_dir():
-        raise ConfigError(f"[paths] test_raw_dir = {config.paths.test_raw_dir} does not exist")
-    jobs = [(config.paths.raw_dir, config.paths.preprocessed_dir)]
-    if config.paths.test_raw_dir is not None:
-        jobs.append((config.paths.test_raw_dir, config.paths.preprocessed_dir / EXTERNAL_TEST))
-    status = 0
-    for raw_dir, out_dir in jobs:
-        manifest = preprocess_dataset(
-            raw_dir,
-            out_dir,
-            config.data.sequences,
-            config.preprocessing,
-            config.labels.lookup(),
-            progress=progress,
-        )
-        print(summarise(manifest, out_dir))
-        print(f"manifest: {out_dir / 'manifest.csv'}")
-        if (manifest["status"] == "ok").sum() == 0:
-            status = 1
-        elif (manifest["status"] != "ok").any() and status == 0:
-            status = EXIT_SKIPPED
-    return status
+    out_dir = config.paths.preprocessed_dir
+    manifest = preprocess_dataset(
+        config.paths.raw_dir,
+        out_dir,
+        config.data.sequences,
+        config.preprocessing,
+        config.labels.lookup(),
+        progress=progress,
+    )
+    plan_path = write_plan(make_plan(config.preprocessing, config.labels), out_dir)
+    print(summarise(manifest, out_dir))
+    print(f"manifest: {out_dir / 'manifest.csv'}; plan: {plan_path}")
+    if (manifest["status"] == "ok").sum() == 0:
+        return 1
+    return EXIT_SKIPPED if (manifest["status"] != "ok").any() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

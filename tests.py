@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -16,15 +18,25 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from config import ConfigError, PreprocessingConfig, load_config
+from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
 from metrics import confusion_matrix, scores_from_confusion
+from plan import make_plan
 from preprocess_script import preprocess_dataset
+from spider_metrics import spider_instances, spider_scores, structure_of, summarise_spider
 from synthetic_spine import generate_dataset, synth_patient, write_case
-from test_unet import overlap_and_distances, segment_scan
+from test_unet import (
+    Predictor,
+    outside_crop_fraction,
+    overlap_and_distances,
+    segment_scan,
+    summarise,
+)
 from train import (
     NonFiniteLossError,
     SegmentationLoss,
+    augment_batch,
     bf16_supported,
+    choose_cache,
     fit,
     load_checkpoint,
     patient_split,
@@ -44,7 +56,8 @@ from vertebraeseg import (
 
 ROOT = Path(__file__).resolve().parent
 SLABS = ROOT.parent / "shared" / "data" / "spider_t2space_slabs"
-SPIDER_LOOKUP = load_config(ROOT / "configuration.txt").labels.lookup()
+SPIDER_LABELS = load_config(ROOT / "configuration.txt").labels
+SPIDER_LOOKUP = SPIDER_LABELS.lookup()
 TINY_GRID = "32, 16, 8"
 
 
@@ -169,10 +182,12 @@ def test_configuration_errors_name_key_and_value(tmp_path, override, message):
     assert message in str(error.value)
 
 
-def test_instances_option_gives_fixed_indices(tmp_path):
+def test_one_class_per_value_option_gives_fixed_indices(tmp_path):
+    with pytest.raises(ConfigError, match="renamed to one_class_per_value"):
+        load_config(write_config(tmp_path, tmp_path / "raw"), ["labels.instances=true"])
     cfg = load_config(
         write_config(tmp_path, tmp_path / "raw"),
-        ["labels.instances=true"],
+        ["labels.one_class_per_value=true"],
     )
     lookup = cfg.labels.lookup()
     assert cfg.labels.num_classes == 1 + 50 + 25 + 1
@@ -435,6 +450,294 @@ def test_hd95_and_assd_of_shifted_boxes():
     assert both_empty == {"dice": 1.0, "hd95_mm": 0.0, "assd_mm": 0.0}
 
 
+def test_hd95_of_a_small_mask_inside_a_large_one_against_hand_values():
+    """Asymmetric masks: the two directed distances differ (2.5 mm vs up to 17.3 mm)."""
+    reference = np.zeros((21, 21, 21), np.uint8)
+    reference[5:16, 5:16, 5:16] = 1
+    prediction = np.zeros_like(reference)
+    prediction[10, 10, 10] = 1
+    spacing = (0.5, 1.0, 2.0)  # x, y, z
+    images = []
+    for array in (prediction, reference):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        images.append(image)
+    # by hand: the reference's surface is the cube's shell (11^3 - 9^3 = 602 voxels); the
+    # prediction's surface is its one voxel. Distances are between voxel centres, in mm.
+    cube = np.argwhere(reference)  # (z, y, x)
+    shell = cube[((cube == 5) | (cube == 15)).any(axis=1)]
+    assert len(shell) == 602
+    to_centre = np.sqrt((((shell - 10) * np.array(spacing[::-1])) ** 2).sum(axis=1))
+    prediction_to_reference = to_centre.min()  # 2.5 mm: 5 voxels along x
+    expected_hd95 = max(prediction_to_reference, np.percentile(to_centre, 95))
+    expected_assd = (to_centre.sum() + prediction_to_reference) / (len(to_centre) + 1)
+    scores = overlap_and_distances(*images)
+    assert scores["dice"] == pytest.approx(2 / (1 + 11**3))
+    assert scores["hd95_mm"] == pytest.approx(expected_hd95, rel=1e-5)
+    assert scores["hd95_mm"] > 4 * prediction_to_reference
+    assert scores["assd_mm"] == pytest.approx(expected_assd, rel=1e-5)
+
+
+def test_segmentation_loss_against_a_hand_computed_value():
+    # two voxels, two classes: softmax (0.5, 0.5) with target 1, (0.75, 0.25) with target 0
+    logits = torch.tensor([[0.0, np.log(3.0)], [0.0, 0.0]]).reshape(1, 2, 1, 1, 2)
+    target = torch.tensor([1, 0]).reshape(1, 1, 1, 2)
+    cross_entropy = (-np.log(0.5) - np.log(0.75)) / 2
+    soft_dice = (2 * 0.5 + 1) / ((0.5 + 0.25) + 1 + 1)  # class 1: overlap 0.5, sums 0.75 and 1
+    assert SegmentationLoss(2, 1.0, 0.0)(logits, target).item() == pytest.approx(cross_entropy)
+    assert SegmentationLoss(2, 0.0, 1.0)(logits, target).item() == pytest.approx(1 - soft_dice)
+    assert SegmentationLoss(2, 2.0, 1.0)(logits, target).item() == pytest.approx(
+        2 * cross_entropy + 1 - soft_dice
+    )
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    """A mask that is a threshold of its image is still that threshold after augment_batch."""
+    torch.manual_seed(0)
+    coarse = torch.randn(2, 1, 4, 8, 6)
+    images = torch.nn.functional.interpolate(coarse, size=(16, 48, 40), mode="trilinear")
+
+    def threshold(volume: torch.Tensor) -> torch.Tensor:
+        return (volume[:, 0] > 0.3).long() + (volume[:, 0] > 0.9).long()
+
+    masks = threshold(images)
+    spatial = TrainingConfig(
+        aug_rotation_deg=30, aug_scale=0.2, aug_intensity=0, aug_gamma=0, aug_noise=0
+    )
+    torch.manual_seed(5)
+    moved_images, moved_masks = augment_batch(images, masks, spatial)
+    torch.manual_seed(5)  # the same draws: where the moved volume lies inside the original
+    _, inside = augment_batch(images, torch.ones_like(masks), spatial)
+    inside = inside.bool()
+    assert not torch.equal(moved_masks, masks)
+    agreement = (threshold(moved_images) == moved_masks)[inside].float().mean().item()
+    unmoved = (masks == moved_masks)[inside].float().mean().item()
+    assert agreement > 0.9 > unmoved  # aligned after the move, not before it
+    _, full = augment_batch(images, masks, TrainingConfig(aug_rotation_deg=30, aug_scale=0.2))
+    assert full.dtype == masks.dtype and set(full.unique().tolist()) <= {0, 1, 2}
+
+
+def test_orphan_masks_are_matched_by_exact_case_id(tmp_path):
+    for folder, name in (("images", "11_t1.mha"), ("masks", "11_t1.mha"), ("masks", "1_t1.mha")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"")
+    cases, problems = discover_cases(tmp_path, ("t1",))
+    assert [c.case_id for c in cases] == ["11_t1"]
+    assert problems == [("1_t1", "mask 1_t1.mha has no image in images/")]
+
+
+def test_dataset_cache_falls_back_to_disk_where_free_memory_is_unknown(monkeypatch, capsys):
+    assert choose_cache(1000, torch.device("cpu"), True) == torch.device("cpu")
+
+    def no_such_name(name: str) -> int:
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    monkeypatch.setattr(os, "sysconf", no_such_name)
+    assert choose_cache(1000, torch.device("cpu"), True) is None
+    assert "free memory unknown" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- SPIDER instance metric
+
+
+SPIDER_SPACING = (0.5, 0.5, 3.0)  # x, y, z in mm: slices 3 mm apart
+
+
+def _mask(array: np.ndarray, spacing=SPIDER_SPACING) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint16))
+    image.SetSpacing(spacing)
+    return image
+
+
+def _empty() -> np.ndarray:
+    return np.zeros((20, 30, 40), np.uint16)  # z, y, x
+
+
+def _cube(array: np.ndarray, label: int, x0: int) -> None:
+    """10 x 10 x 10 voxels (1000) at z 5:15, y 5:15, x x0:x0+10."""
+    array[5:15, 5:15, x0 : x0 + 10] = label
+
+
+def test_spider_structure_of_follows_the_challenge_ranges():
+    assert [structure_of(v) for v in (0, 1, 25, 99, 100, 101, 125, 200, 201, 225)] == [
+        None, "vertebrae", "vertebrae", "vertebrae", "canal", None, None, None, "discs", "discs",
+    ]  # fmt: skip
+
+
+def test_spider_perfect_prediction():
+    ref = _empty()
+    _cube(ref, 1, 2)
+    _cube(ref, 201, 13)
+    _cube(ref, 2, 24)
+    ref[:, 20:26, 5:35] = 100
+    scores = spider_scores(_mask(ref), _mask(ref))
+    for structure in ("vertebrae", "discs", "canal"):
+        assert scores[f"{structure}_dice"] == 1.0
+        assert scores[f"{structure}_asd_mm"] == 0.0
+    assert scores["vertebrae_detection"] == scores["discs_detection"] == 1.0
+    assert (scores["vertebrae_n"], scores["vertebrae_detected"]) == (2, 2)
+    assert (scores["discs_n"], scores["discs_detected"]) == (1, 1)
+
+
+def test_spider_split_vertebra_matches_the_larger_part():
+    ref = _empty()
+    _cube(ref, 1, 5)  # 1000 voxels, x 5:15
+    pred = _empty()
+    pred[5:15, 5:15, 5:11] = 7  # 600 voxels of it
+    pred[5:15, 5:15, 11:15] = 8  # 400 voxels
+    instances = spider_instances(_mask(ref), _mask(pred))
+    assert instances["matched_label"].tolist() == [7]
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["vertebrae_dice"] == pytest.approx(2 * 600 / (1000 + 600))  # 0.75
+    assert scores["vertebrae_detection"] == 1.0
+
+
+def test_spider_equal_split_goes_to_the_smaller_label():
+    ref = _empty()
+    _cube(ref, 1, 5)
+    pred = _empty()
+    pred[5:15, 5:15, 5:10] = 9  # 500 voxels each
+    pred[5:15, 5:15, 10:15] = 4
+    instances = spider_instances(_mask(ref), _mask(pred))
+    assert instances["matched_label"].tolist() == [4]  # np.bincount(...).argmax() in the script
+    assert instances["dice"].iloc[0] == pytest.approx(2 * 500 / 1500)
+
+
+def test_spider_merged_vertebrae_both_match_the_merged_label():
+    ref = _empty()
+    _cube(ref, 1, 5)  # 1000 voxels each
+    _cube(ref, 2, 15)
+    pred = _empty()
+    pred[5:15, 5:15, 5:25] = 5  # both in one label: 2000 voxels
+    instances = spider_instances(_mask(ref), _mask(pred))
+    assert instances["matched_label"].tolist() == [5, 5]
+    assert instances["dice"].tolist() == pytest.approx([2 * 1000 / 3000] * 2)
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["vertebrae_dice"] == pytest.approx(2 / 3)
+    assert scores["vertebrae_detection"] == 1.0
+
+
+def test_spider_missed_disc_goes_to_detection_not_dice():
+    ref = _empty()
+    _cube(ref, 201, 5)
+    _cube(ref, 202, 20)
+    pred = _empty()
+    _cube(pred, 201, 5)  # 202 not predicted at all
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["discs_detection"] == 0.5
+    assert scores["discs_dice"] == 1.0  # mean over the detected disc only
+    assert scores["discs_asd_mm"] == 0.0
+    assert (scores["discs_n"], scores["discs_detected"]) == (2, 1)
+    assert math.isnan(scores["vertebrae_dice"]) and math.isnan(scores["vertebrae_detection"])
+    assert math.isnan(scores["canal_dice"]) and math.isnan(scores["canal_asd_mm"])
+    # The published ASD set: every reference disc, NaN when one has no match
+    assert math.isnan(spider_scores(_mask(ref), _mask(pred), asd_over="all")["discs_asd_mm"])
+
+
+def test_spider_dice_below_threshold_counts_as_missed():
+    ref = _empty()
+    _cube(ref, 201, 5)  # 1000 voxels
+    _cube(ref, 202, 20)
+    pred = _empty()
+    pred[5:15, 5:7, 5:7] = 201  # 40 voxels, all inside disc 201: Dice 80 / 1040 < 0.1
+    _cube(pred, 202, 20)
+    instances = spider_instances(_mask(ref), _mask(pred))
+    assert instances["matched_label"].tolist() == [201, 202]
+    assert instances["dice"].iloc[0] == pytest.approx(80 / 1040)
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["discs_detection"] == 0.5
+    assert scores["discs_dice"] == 1.0
+    assert scores["discs_detected"] == 1
+
+
+def test_spider_dice_of_exactly_the_threshold_counts_as_detected():
+    ref = _empty()
+    _cube(ref, 3, 5)  # 1000 voxels
+    pred = _empty()
+    pred[5:15, 5:7, 5:8] = 3  # 60 voxels inside
+    pred[5:15, 20:27, 5:7] = 3  # 140 voxels outside: Dice 2 * 60 / 1200 = 0.1
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["vertebrae_dice"] == pytest.approx(0.1)
+    assert scores["vertebrae_detection"] == 1.0  # the script misses only Dice < 0.1
+
+
+def test_spider_shifted_canal_uses_per_axis_spacing():
+    # Canal box z 4:12, y 10:20, x 10:30 (8 x 10 x 20 voxels), predicted one slice higher
+    # (z 5:13, 3 mm). Dice = 2 * 7 / 16. Each border has 1600 - 6 * 8 * 18 = 736 voxels; per
+    # direction: the 200 voxels of the face outside the other box lie 3.0 mm from it; the
+    # 8 x 18 inner voxels of the face inside the other box lie 0.5 mm * their in-plane voxel
+    # distance to its side walls (sum of min(a, b), a in 1,2,3,4,4,3,2,1, b in 1..9,9..1,
+    # = 320, so 160 mm), every other border voxel is shared (0). ASD = (600 + 160) / 736 mm.
+    ref = _empty()
+    ref[4:12, 10:20, 10:30] = 100
+    pred = _empty()
+    pred[5:13, 10:20, 10:30] = 100
+    scores = spider_scores(_mask(ref), _mask(pred))
+    assert scores["canal_dice"] == pytest.approx(14 / 16)
+    assert scores["canal_asd_mm"] == pytest.approx(760 / 736, rel=1e-6)
+    assert math.isnan(scores["vertebrae_asd_mm"]) and math.isnan(scores["discs_detection"])
+
+
+def test_spider_partially_visible_vertebrae_count_in_no_structure():
+    ref = _empty()
+    _cube(ref, 1, 5)
+    _cube(ref, 101, 20)
+    scores = spider_scores(_mask(ref), _mask(ref))
+    assert scores["vertebrae_n"] == 1
+    structures = spider_instances(_mask(ref), _mask(ref))["structure"]
+    assert structures.iloc[0] == "vertebrae" and pd.isna(structures.iloc[1])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda image: image.SetSpacing((0.5, 0.5, 3.3)), "spacing"),
+        (lambda image: image.SetOrigin((0.0, 0.0, 1.0)), "origin"),
+        (lambda image: image.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, -1)), "direction"),
+    ],
+)
+def test_spider_geometry_mismatch_raises(change, message):
+    ref = _empty()
+    _cube(ref, 1, 5)
+    pred = _mask(ref)
+    change(pred)
+    with pytest.raises(ValueError, match=message):
+        spider_scores(_mask(ref), pred)
+
+
+def test_spider_size_mismatch_raises():
+    ref = _empty()
+    with pytest.raises(ValueError, match="size"):
+        spider_scores(_mask(ref), _mask(ref[:, :, :39]))
+
+
+def test_spider_summary_is_nan_aware():
+    per_case = pd.DataFrame(
+        {
+            "vertebrae_dice": [0.8, 0.6],
+            "discs_dice": [0.5, math.nan],
+            "canal_dice": [0.9, 0.7],
+            "vertebrae_detection": [1.0, 0.5],
+            "discs_detection": [0.5, 0.0],
+            "vertebrae_asd_mm": [1.0, 2.0],
+            "discs_asd_mm": [math.nan, math.nan],
+            "canal_asd_mm": [0.5, 1.5],
+        }
+    )
+    summary = summarise_spider(per_case).set_index("structure")
+    assert summary.index.tolist() == ["vertebrae", "discs", "canal"]
+    assert summary.loc["vertebrae", "dice_mean"] == pytest.approx(0.7)
+    assert summary.loc["vertebrae", "dice_std"] == pytest.approx(math.sqrt(0.02))  # ddof 1
+    assert summary.loc["discs", "dice_mean"] == 0.5 and summary.loc["discs", "dice_n"] == 1
+    assert math.isnan(summary.loc["discs", "asd_mm_mean"]) and summary.loc["discs", "asd_mm_n"] == 0
+    assert summary.loc["discs", "detection_mean"] == pytest.approx(0.25)
+    assert math.isnan(summary.loc["canal", "detection_mean"])
+    assert summary.loc["canal", "asd_mm_mean"] == pytest.approx(1.0)
+    assert (summary["n_cases"] == 2).all()
+    with pytest.raises(ValueError, match="canal_dice"):
+        summarise_spider(per_case.drop(columns="canal_dice"))
+
+
 # ---------------------------------------------------------------- split, training, testing
 
 
@@ -485,8 +788,19 @@ def test_end_to_end_run_writes_every_output(trained_run):
     test_ids = sorted(split.loc[split["split"] == "test", "case_id"])
     assert sorted(p.stem for p in (run / "predictions").glob("*.mha")) == test_ids
     metrics = pd.read_csv(run / "test_metrics.csv")
-    assert list(metrics.columns) == ["case_id", "class", "dice", "hd95_mm", "assd_mm"]
+    assert list(metrics.columns) == [
+        "case_id",
+        "class",
+        "dice",
+        "hd95_mm",
+        "assd_mm",
+        "reference_voxels",
+        "predicted_voxels",
+        "reference_outside_crop",
+    ]
     assert len(metrics) == 3 * len(test_ids)
+    assert metrics["reference_outside_crop"].between(0, 1).all()
+    assert (metrics["reference_voxels"] > 0).all()
     summary = pd.read_csv(run / "test_summary.csv")
     assert summary["class"].tolist() == ["vertebrae", "intervertebral_discs", "spinal_canal"]
     assert list(summary.columns) == [
@@ -495,8 +809,16 @@ def test_end_to_end_run_writes_every_output(trained_run):
         "dice_mean",
         "dice_std",
         "hd95_mm_mean",
+        "n_hd95",
         "assd_mm_mean",
+        "n_assd",
+        "n_missed",
+        "n_false",
     ]
+    # the checkpoint carries the plan its data were made with
+    plan = json.loads((trained_run / "pre" / "plan.json").read_text())
+    assert plan["grid"] == [32, 16, 8] and plan["mode"] == "grid"
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["plan"] == plan
     assert len(list((run / "figures").glob("*.png"))) == 1
 
 
@@ -514,7 +836,7 @@ def test_external_labelled_folder_replaces_the_test_split(tmp_path, tiny_raw):
         testing={"figures": 0},
     )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
-    assert (tmp_path / "pre" / "external_test" / "manifest.csv").is_file()
+    assert not (tmp_path / "pre" / "external_test").exists()  # tested from its raw scans
     assert trainandtest_script.main(["--config", str(cfg)]) == 0
     split = pd.read_csv(tmp_path / "run" / "splits.csv", dtype=str)
     assert "test" not in set(split["split"])  # every local patient trains or validates
@@ -558,23 +880,121 @@ def test_predict_script_segments_scans_in_their_geometry(trained_run, tiny_raw, 
     assert pd.read_csv(out / "classes.csv")["class"].tolist()[0] == "background"
 
 
-def test_checkpoint_rebuilds_the_model_alone(trained_run):
+def test_checkpoint_rebuilds_the_model_alone(trained_run, tiny_raw):
     state = load_checkpoint(trained_run / "run" / "checkpoints" / "best.pt")
-    scan = sitk.ReadImage(str(sorted((trained_run / "pre" / "images").glob("*.mha"))[0]))
-    from test_unet import model_from_checkpoint, preprocessing_from_checkpoint
-
-    model = model_from_checkpoint(state, torch.device("cpu"))
-    assert model.arguments == state["model_args"]
-    assert preprocessing_from_checkpoint(state).grid == (32, 16, 8)
-    assert (
-        segment_scan(
-            model, scan, preprocessing_from_checkpoint(state), torch.device("cpu")
-        ).GetSize()
-        == scan.GetSize()
-    )
+    predictor = Predictor.from_checkpoint(state, torch.device("cpu"))
+    assert predictor.model.arguments == state["model_args"]
+    assert predictor.plan["grid"] == [32, 16, 8]
+    scan = sitk.ReadImage(str(sorted((tiny_raw / "images").glob("*.mha"))[0]))
+    segmentation = segment_scan(predictor, scan)
+    assert segmentation.classes.GetSize() == scan.GetSize()
     assert state["config"]["training"]["epochs"] == 2 and state["epoch"] == 2
 
 
+def test_test_loop_and_predict_script_write_voxel_identical_masks(trained_run, tiny_raw, tmp_path):
+    import predict_script
+
+    run = trained_run / "run"
+    split = pd.read_csv(run / "splits.csv", dtype=str)
+    case_id = split.loc[split["split"] == "test", "case_id"].iloc[0]
+    out = tmp_path / "out"
+    status = predict_script.main(
+        [
+            "--checkpoint",
+            str(run / "checkpoints" / "best.pt"),
+            str(tiny_raw / "images" / f"{case_id}.mha"),
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert status == 0
+    tested = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "predictions" / f"{case_id}.mha")))
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case_id}.mha")))
+    assert tested.shape == predicted.shape and np.count_nonzero(tested) > 0
+    assert np.array_equal(tested, predicted)
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in network that returns fixed logits (1, C, D, H, W) whatever its input."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert images.shape[2:] == self.logits.shape[2:]
+        return self.logits
+
+
+def test_a_known_mask_goes_through_the_real_prediction_path(tmp_path):
+    """Logits that encode the true mask on the label-free grid come back onto the raw (LPS)
+    scan through segment_scan: what the path does to content, not only to geometry."""
+    files = _case(tmp_path, "LPS", seed=2)
+    scan, image, labels = load_case(files, SPIDER_LOOKUP)
+    settings = PreprocessingConfig(grid=(128, 64, 16))
+    grid = to_grid(image, None, settings)  # the crop a user's scan gets: no label seen
+    truth = sitk.Resample(labels, grid.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    one_hot = np.stack([sitk.GetArrayFromImage(truth) == c for c in range(4)])
+    logits = torch.from_numpy(one_hot.astype(np.float32) * 20)[None]
+    predictor = Predictor(
+        _Oracle(logits), make_plan(settings, SPIDER_LABELS), torch.device("cpu"), "fp32"
+    )
+    result = segment_scan(predictor, scan)
+    assert result.crop_index == grid.crop_index and result.crop_size == grid.crop_size
+    predicted = sitk.GetArrayFromImage(result.classes)
+    reference = map_labels(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path))), SPIDER_LOOKUP
+    )
+    assert predicted.shape == reference.shape
+    for c in (1, 2, 3):  # the grid's own resolution caps this at about 0.95
+        assert dice(predicted == c, reference == c) >= 0.93, c
+    # a wrong way back (no reorientation, say) would not overlap the reference
+    assert dice(predicted[::-1] == 1, reference == 1) < 0.5
+
+
+def test_reference_outside_the_crop_is_measured():
+    reference = np.zeros((4, 10, 10), np.uint8)
+    reference[1:3, 2:8, 2:6] = 1  # 48 voxels of class 1
+    reference[0, 0, 0] = 2
+    image = sitk.GetImageFromArray(reference)
+    image.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))  # PIR, as the crop box is indexed
+    index, size = (2, 2, 0), (2, 6, 4)  # x 2..4 of 2..6: half of class 1
+    assert outside_crop_fraction(image, index, size, 1) == pytest.approx(0.5)
+    assert outside_crop_fraction(image, index, size, 2) == 1.0
+    assert outside_crop_fraction(image, index, size, 3) == 0.0  # absent: nothing lost
+    assert outside_crop_fraction(image, (0, 0, 0), (10, 10, 4), 1) == 0.0
+
+
+def test_summary_counts_what_the_means_leave_out():
+    nan = float("nan")
+    metrics = pd.DataFrame(
+        {
+            "case_id": ["a", "a", "b", "b", "c", "c"],
+            "class": ["vertebrae", "discs"] * 3,
+            "dice": [0.9, 0.0, 0.8, 0.0, 0.7, 1.0],
+            "hd95_mm": [2.0, nan, 4.0, nan, 6.0, 0.0],
+            "assd_mm": [1.0, nan, 2.0, nan, 3.0, 0.0],
+            "reference_voxels": [10, 5, 10, 0, 10, 0],
+            "predicted_voxels": [10, 0, 10, 7, 10, 0],
+        }
+    )
+    summary = summarise(metrics, ("background", "vertebrae", "discs")).set_index("class")
+    assert summary.loc["vertebrae", "hd95_mm_mean"] == pytest.approx(4.0)
+    assert summary.loc["vertebrae", ["n", "n_hd95", "n_assd", "n_missed", "n_false"]].tolist() == [
+        3,
+        3,
+        3,
+        0,
+        0,
+    ]
+    # discs: case a missed, case b a false positive, case c both empty (Dice 1, distance 0)
+    assert summary.loc["discs", ["n", "n_hd95", "n_missed", "n_false"]].tolist() == [3, 1, 1, 1]
+
+
+@pytest.mark.skipif(
+    not bf16_supported(torch.device("cpu")),
+    reason="no native bf16 on this CPU (AVX512-BF16/AMX): auto is fp32, compared with itself",
+)
 def test_bf16_and_fp32_predictions_agree(trained_run):
     from test_unet import model_from_checkpoint, precision_from_checkpoint, predict_probabilities
 
@@ -591,9 +1011,17 @@ def test_bf16_and_fp32_predictions_agree(trained_run):
     assert (fp32.argmax(0) == auto.argmax(0)).mean() > 0.98
 
 
-def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
+def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw, monkeypatch):
     import preprocess_script
     import trainandtest_script
+
+    torch_load, mapped_to = torch.load, []
+
+    def spy(*args, **kwargs):  # resume must load to the CPU, whatever the device
+        mapped_to.append(kwargs.get("map_location"))
+        return torch_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
 
     cfg = write_config(
         tmp_path,
@@ -603,9 +1031,12 @@ def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
     )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    mapped_to.clear()
     assert trainandtest_script.main(["--config", str(cfg), "--set", "training.epochs=3"]) == 0
+    assert mapped_to and set(mapped_to) == {"cpu"}
     resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert resumed["epoch"] == 3
+    assert resumed["rng"][0]["torch"].device.type == "cpu"
     assert pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")["epoch"].tolist() == [1, 2, 3]
     straight = [
         "--config",
@@ -619,6 +1050,44 @@ def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw):
     reference = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     for key, value in reference["model"].items():
         assert torch.allclose(value, resumed["model"][key], atol=1e-5), key
+
+
+def test_training_refuses_data_preprocessed_with_another_grid(tmp_path, tiny_raw, capsys):
+    import preprocess_script
+    import trainandtest_script
+
+    cfg = write_config(tmp_path, tiny_raw)
+    other = ["--config", str(cfg), "--set", "preprocessing.grid=64, 32, 8"]
+    assert preprocess_script.main(other) == 0
+    capsys.readouterr()
+    assert trainandtest_script.main(["--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "grid: preprocessed with [64, 32, 8], the configuration says [32, 16, 8]" in err
+    assert not (tmp_path / "run").exists()
+    assert trainandtest_script.main(other + ["--set", "training.epochs=1"]) == 0
+
+
+def test_resume_refuses_changed_training_settings(trained_run, capsys):
+    import trainandtest_script
+    from trainandtest_script import changed_settings
+
+    record = json.loads((trained_run / "run" / "run_config.json").read_text())
+
+    def changed(**training) -> list[str]:
+        new = json.loads(json.dumps(record))
+        new["training"].update(training)
+        return changed_settings(record, new)
+
+    assert changed(threads=2, loader_workers=3, device="cpu", resume=False) == []
+    assert changed(learning_rate=0.5) == ["[training] learning_rate (0.001 -> 0.5)"]
+    assert changed(epochs=4) == ["[training] epochs (2 -> 4)"]  # scheduler = cosine
+    assert changed(epochs=4, scheduler="none") == ["[training] scheduler ('cosine' -> 'none')"]
+    cfg = str(trained_run / "config.txt")
+    capsys.readouterr()
+    assert trainandtest_script.main(["--config", cfg, "--set", "training.epochs=4"]) == 1
+    err = capsys.readouterr().err
+    assert "[training] epochs (2 -> 4)" in err and "new run" in err
+    assert load_checkpoint(trained_run / "run" / "checkpoints" / "last.pt")["epoch"] == 2
 
 
 # ---------------------------------------------------------------- bad input (never lose data)
@@ -744,13 +1213,21 @@ def test_outputs_inside_raw_dir_are_refused_before_writing(tmp_path, tiny_raw, c
 # ---------------------------------------------------------------- interrupted runs
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(script: str, cfg: Path, *extra: str) -> subprocess.Popen:
+    """The driver in a child process, with SIGINT at its default: a suite started from a
+    non-interactive background job (nohup, `trap "" INT`) hands its children SIGINT ignored,
+    and a Python started so never installs its KeyboardInterrupt handler."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / script), "--config", str(cfg), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=_default_sigint,
     )
 
 
@@ -795,6 +1272,7 @@ def test_killed_training_resumes_from_last_checkpoint(tmp_path, tiny_raw):
     rerun = _start("trainandtest_script.py", cfg)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
+    assert "\r" not in out + err  # not a terminal: epoch lines, no progress bars
     if killed_at < 4:
         assert f"resuming {tmp_path / 'run'} after epoch {killed_at}" in out + err
     assert pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")["epoch"].tolist() == [1, 2, 3, 4]
@@ -881,7 +1359,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trai
     model = ModelConfig(base_channels=4, depth=3)
     names = ("background", "vertebrae", "intervertebral_discs", "spinal_canal")
     run = tmp_path / "run"
-    fit(rows, rows.iloc[:0], run, model, settings, names, {}, progress=False)
+    fit(rows, rows.iloc[:0], run, model, settings, names, {}, {}, progress=False)
     broken = tmp_path / "nan.mha"
     image = sitk.ReadImage(str(rows.iloc[0]["out_image"]))
     sitk.WriteImage(image * float("nan"), str(broken))
@@ -894,6 +1372,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trai
             model,
             TrainingConfig(epochs=2, batch_size=2, threads=1, augment=False),
             names,
+            {},
             {},
             progress=False,
         )

@@ -214,12 +214,28 @@ class VolumeDataset(Dataset):
         return self.cache[0].index_select(0, index), self.cache[1].index_select(0, index)
 
 
+def available_memory() -> int | None:
+    """Free host memory in bytes, or None where this OS does not tell (SC_AVPHYS_PAGES is a
+    glibc extension: Linux has it, macOS does not)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def choose_cache(nbytes: int, device: torch.device, on_device: bool) -> torch.device | None:
     """Where the dataset lives: the GPU (on_device, when it takes < 30% of the free GPU memory),
-    host memory (when it takes < 50% of the available RAM), else None (read per batch)."""
+    host memory (when it takes < 50% of the available RAM), else None (read per batch).
+    Where the free host memory is unknown the data are read per batch, and a message says so."""
     if on_device and device.type == "cuda" and nbytes < 0.3 * torch.cuda.mem_get_info(device)[0]:
         return device
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = available_memory()
+    if available is None:
+        tqdm.write(
+            "free memory unknown on this system: reading the volumes from disk at every batch "
+            "(no in-memory dataset cache)"
+        )
+        return None
     return torch.device("cpu") if nbytes < 0.5 * available else None
 
 
@@ -492,9 +508,10 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore saved generator states; they must be CPU ByteTensors wherever they were loaded."""
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _epoch_row(prefix: str, scores: dict, class_names: tuple[str, ...]) -> dict[str, float]:
@@ -526,12 +543,14 @@ def fit(
     settings: TrainingConfig,
     class_names: tuple[str, ...],
     config_record: dict,
+    plan: dict,
     dist_info: Distributed = Distributed(),
     progress: bool = True,
 ) -> Path:
     """Train with AdamW; validate every epoch; keep checkpoints/best.pt and checkpoints/last.pt.
 
-    train_rows/val_rows: manifest rows with out_image/out_mask columns. Resumes from
+    train_rows/val_rows: manifest rows with out_image/out_mask columns; plan: the preprocessing
+    plan of that data (plan.py), stored in every checkpoint for prediction. Resumes from
     checkpoints/last.pt when settings.resume is true and it exists. Writes (rank 0 only)
     metrics_epochs.csv and the curves each epoch. Returns the path of the best checkpoint.
     Raises NonFiniteLossError on a NaN/inf loss, keeping the last good checkpoint.
@@ -596,7 +615,7 @@ def fit(
     history: list[dict] = []
     best_score, start_epoch = -math.inf, 1
     if settings.resume and last_path.is_file():
-        state = load_checkpoint(last_path, device)
+        state = load_checkpoint(last_path)  # to the CPU: RNG states must stay CPU ByteTensors
         if state["model_args"] != model_args or tuple(state["class_names"]) != class_names:
             raise ValueError(
                 f"{last_path}: model {state['model_args']} / classes {state['class_names']} "
@@ -688,6 +707,7 @@ def fit(
                 "rng": rng_states,
                 "class_names": list(class_names),
                 "config": config_record,
+                "plan": plan,
             }
             if improved:
                 save_checkpoint(state, best_path)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from config import Config, ConfigError, driver_arguments, load_config
-from preprocess_script import EXTERNAL_TEST, preprocess_dataset
+from plan import check_plan, make_plan, read_plan
 from store_plot_metrics import write_csv
 from test_unet import evaluate_checkpoint
 from train import (
@@ -33,10 +33,42 @@ from train import (
     load_or_make_split,
     pick_device,
 )
-from vertebraeseg import atomic_write_text
+from vertebraeseg import atomic_write_text, discover_cases
 
 RUN_RECORD = "run_config.json"
-MUST_MATCH = ("data", "labels", "preprocessing", "model")  # sections a resumed run may not change
+MUST_MATCH = ("data", "labels", "preprocessing", "model", "training")  # a resume may not change
+# [training] keys that do not change the result: a resumed run may change them freely.
+RESUME_MAY_CHANGE = (
+    "resume",
+    "overwrite",
+    "threads",
+    "loader_workers",
+    "device",
+    "cache_on_device",
+    "channels_last",
+    "compile",
+)
+
+
+def changed_settings(previous: dict, record: dict) -> list[str]:
+    """'[section] key (old -> new)' for every setting a resumed run may not change.
+
+    `epochs` may grow only with scheduler = none: the cosine schedule is laid over `epochs`,
+    so a longer run would jump back up the curve (from 0.02 to 0.5 of the learning rate at
+    40 -> 80 epochs). Such an extension is refused; start a new run instead.
+    """
+    changed = []
+    for section in MUST_MATCH:
+        old, new = previous.get(section, {}), record[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) == new.get(key):
+                continue
+            if section == "training" and key in RESUME_MAY_CHANGE:
+                continue
+            if section == "training" and key == "epochs" and new.get("scheduler") == "none":
+                continue
+            changed.append(f"[{section}] {key} ({old.get(key)!r} -> {new.get(key)!r})")
+    return changed
 
 
 def read_manifest(preprocessed_dir: Path) -> pd.DataFrame:
@@ -69,16 +101,18 @@ def prepare_run_dir(run_dir: Path, record: dict, resume: bool, overwrite: bool) 
             shutil.rmtree(run_dir)
         else:
             previous = json.loads(marker.read_text(encoding="utf-8"))
-            changed = [
-                f"[{section}] {key}"
-                for section in MUST_MATCH
-                for key in sorted(set(previous.get(section, {})) | set(record[section]))
-                if previous.get(section, {}).get(key) != record[section].get(key)
-            ]
+            changed = changed_settings(previous, record)
             if changed:
+                hint = ""
+                if any(item.startswith("[training] epochs") for item in changed):
+                    hint = (
+                        " More epochs under scheduler = cosine would restart the learning-rate "
+                        "curve; train the longer schedule as a new run."
+                    )
                 raise FileExistsError(
                     f"{run_dir} holds a run made with other settings ({', '.join(changed)}): "
-                    "choose another output_dir, or set training.overwrite=true to replace it"
+                    "choose another output_dir, or set training.overwrite=true to replace it."
+                    + hint
                 )
             if not resume and (run_dir / "checkpoints" / "last.pt").is_file():
                 raise FileExistsError(
@@ -90,35 +124,43 @@ def prepare_run_dir(run_dir: Path, record: dict, resume: bool, overwrite: bool) 
 
 
 def select_test_cases(config: Config, split: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
-    """The split's test part, or the external labelled set ([paths] test_raw_dir) preprocessed
-    with the same settings into preprocessed_dir/external_test."""
+    """Raw files (case_id, image_path, mask_path) of the test cases: the split's test part, or
+    every labelled case of [paths] test_raw_dir. Both are segmented from their raw scans."""
     if config.paths.test_raw_dir is None:
         names = split.loc[split["split"] == "test", "case_id"]
-        return manifest[manifest["case_id"].isin(names)]
-    external = preprocess_dataset(
-        config.paths.test_raw_dir,
-        config.paths.preprocessed_dir / EXTERNAL_TEST,
-        config.data.sequences,
-        config.preprocessing,
-        config.labels.lookup(),
-    )
-    for row in external[external["status"] != "ok"].itertuples():
-        print(f"external test case {row.case_id} skipped: {row.reason}")
-    return external[external["status"] == "ok"]
+        return manifest.loc[manifest["case_id"].isin(names), ["case_id", "image_path", "mask_path"]]
+    cases, problems = discover_cases(config.paths.test_raw_dir, config.data.sequences)
+    for name, reason in problems:
+        print(f"external test case {name} skipped: {reason}")
+    rows = [(c.case_id, str(c.image_path), str(c.mask_path)) for c in cases]
+    return pd.DataFrame(rows, columns=["case_id", "image_path", "mask_path"])
 
 
 def format_summary(summary: pd.DataFrame) -> str:
-    lines = [f"{'class':<24}{'n':>4}{'Dice':>8}{'HD95 mm':>10}{'ASSD mm':>10}"]
+    """The printed test summary: means and, beside them, the cases they leave out."""
+    lines = [
+        f"{'class':<24}{'n':>4}{'Dice':>8}{'HD95 mm':>10}{'ASSD mm':>10}"
+        f"{'n dist':>8}{'missed':>8}{'false':>7}"
+    ]
     for row in summary.itertuples():
         lines.append(
             f"{row[1]:<24}{row.n:>4}{row.dice_mean:>8.3f}{row.hd95_mm_mean:>10.2f}"
-            f"{row.assd_mm_mean:>10.2f}"
+            f"{row.assd_mm_mean:>10.2f}{row.n_assd:>8}{row.n_missed:>8}{row.n_false:>7}"
         )
+    lines.append(
+        "n dist: cases behind the HD95/ASSD means; missed: the reference has the class and the "
+        "prediction none; false: the other way round"
+    )
     return "\n".join(lines)
 
 
-def run(config: Config, progress: bool = True) -> int:
-    """Split, train (possibly distributed), test on rank 0; print where everything is."""
+def run(config: Config, progress: bool | None = None) -> int:
+    """Split, train (possibly distributed), test on rank 0; print where everything is.
+
+    progress: tqdm bars (default: only when stderr is a terminal; a log file or CI gets the
+    one line per epoch without bars)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     t = config.training
     os.environ.setdefault("LOCAL_RANK", "0")
     device_kind = pick_device(t.device, int(os.environ["LOCAL_RANK"])).type
@@ -127,6 +169,12 @@ def run(config: Config, progress: bool = True) -> int:
         configure_threads(t.threads, int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size)))
         run_dir = config.paths.output_dir
         record = config.as_dict()
+        plan = read_plan(config.paths.preprocessed_dir)
+        check_plan(
+            plan,
+            make_plan(config.preprocessing, config.labels),
+            config.paths.preprocessed_dir / "plan.json",
+        )
         manifest = read_manifest(config.paths.preprocessed_dir)
         if config.paths.test_raw_dir is not None:
             fractions = (t.val_fraction, 0.0)  # the external folder is the test set
@@ -145,6 +193,14 @@ def run(config: Config, progress: bool = True) -> int:
         if dist_info.is_main:
             counts = split.groupby("split")["patient_id"].nunique().to_dict()
             print(f"patients per split: {counts}; run folder {run_dir}")
+            unsplit = sorted(set(manifest["case_id"]) - set(split["case_id"]))
+            if unsplit:
+                print(
+                    f"note: {len(unsplit)} cases of the manifest are not in the saved "
+                    f"{run_dir / 'splits.csv'} and are not used ({', '.join(unsplit[:5])}"
+                    f"{', ...' if len(unsplit) > 5 else ''}): a run keeps its split; use a new "
+                    "output_dir to split again with them"
+                )
         best = fit(
             parts["train"],
             parts["val"],
@@ -153,6 +209,7 @@ def run(config: Config, progress: bool = True) -> int:
             t,
             config.labels.class_names,
             record,
+            plan,
             dist_info,
             progress,
         )
@@ -170,13 +227,15 @@ def run(config: Config, progress: bool = True) -> int:
         state,
         cases,
         run_dir,
-        config.labels.lookup(),
         pick_device(t.device),
         config.testing.map_probabilities,
         config.testing.figures,
         progress,
     )
-    print(f"test on {len(cases)} cases with {path.name} (in each scan's own geometry):")
+    print(
+        f"test on {len(cases)} cases with {path.name}, each segmented from its raw scan "
+        "(metrics in the scan's own geometry):"
+    )
     print(format_summary(summary))
     print(
         f"outputs: {run_dir}/test_summary.csv, test_metrics.csv, predictions/, figures/, "

@@ -30,6 +30,7 @@ NAME_PATTERN = re.compile(r"(?P<patient>[A-Za-z0-9-]+)_(?P<sequence>[A-Za-z0-9_]
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x spacing)
 MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
 PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
+BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
 
 
 class CaseError(ValueError):
@@ -110,8 +111,9 @@ def discover_cases(
             problems.append((stem, f"image {image_path.name} has no mask in masks/"))
             continue
         cases.append(CaseFiles(stem, match["patient"], match["sequence"], image_path, mask_path))
+    reported = {name for name, _ in problems}  # e.g. a duplicate mask id, reported once
     for stem, mask_path in masks.items():
-        if stem not in images and not any(stem in p[0] for p in problems):
+        if stem not in images and stem not in reported:
             problems.append((stem, f"mask {mask_path.name} has no image in images/"))
     return cases, problems
 
@@ -222,7 +224,7 @@ def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 
 def body_mask(
-    image: sitk.Image, closing_radius_mm: float, resolution_mm: float = 2.0
+    image: sitk.Image, closing_radius_mm: float, resolution_mm: float = BODY_MASK_RESOLUTION_MM
 ) -> sitk.Image:
     """Largest connected component of an Otsu foreground after morphological closing (uint8).
 
