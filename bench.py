@@ -15,10 +15,10 @@ weight decay, loss weights, augmentation, seed; [preprocessing]; [labels]), --wo
 
 Grid (height, width, slices); tensors (batch, 1, slices, height, width). Measured:
 - training volumes/s over whole epochs (loading, augmentation, metrics included) on the same
-  synthetic volumes with 4 learnable classes, for the pipeline (train.VolumeDataset cached, on
-  the GPU with CUDA; make_loader over a DistributedSampler of world 1; run_epoch with
+  synthetic volumes with 4 learnable classes, for the pipeline (training_data.VolumeDataset
+  cached, on the GPU with CUDA; make_loader over a DistributedSampler of world 1; run_epoch with
   augmentation; bf16 autocast where the device computes bf16 natively and channels_last_3d
-  (train.fast_settings; the table's header says which); on CUDA fused AdamW, cudnn.benchmark)
+  (devices.fast_settings; the table's header says which); on CUDA fused AdamW, cudnn.benchmark)
   and for a seed-style loop (fp32, eager; DataLoader(batch_size, shuffle) over a Dataset reading
   each volume from an uncompressed .mha file with SimpleITK at every access, the seed's best case;
   cross-entropy; AdamW; sklearn accuracy_score and f1_score(average="macro") on every batch);
@@ -54,21 +54,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from config import Config, ModelConfig, PreprocessingConfig, TrainingConfig, load_config
+from devices import Distributed, configure_threads, fast_settings, pick_device
 from train import (
-    Distributed,
     NonFiniteLossError,
     SegmentationLoss,
-    ShardSampler,
-    VolumeDataset,
     build_model,
-    configure_threads,
-    fast_settings,
-    make_loader,
     make_optimizer,
-    pick_device,
-    read_volume,
     run_epoch,
 )
+from training_data import ShardSampler, VolumeDataset, make_loader, read_volume
 from unet_model import UNet3D
 
 HERE = Path(__file__).resolve().parent
@@ -130,7 +124,7 @@ class Run:
 
     @property
     def fast_settings(self) -> tuple[torch.dtype | None, bool]:
-        """The pipeline's (autocast dtype or None, channels_last_3d): train.fast_settings."""
+        """The pipeline's (autocast dtype or None, channels_last_3d): devices.fast_settings."""
         return fast_settings(self.device, self.training.precision, self.training.channels_last)
 
     @property

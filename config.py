@@ -71,7 +71,12 @@ class LabelsConfig:
 
 @dataclass(frozen=True)
 class PreprocessingConfig:
+    """mode grid: every crop stretched to `grid`; mode spacing: every crop resampled to
+    `target_spacing` (mm, in grid order: S-I, A-P, slices), its size following."""
+
+    mode: str = "grid"
     grid: tuple[int, int, int] = (256, 128, 32)
+    target_spacing: str = "auto"
     normalisation: str = "zscore"
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     padding_value: float = -1000.0
@@ -119,6 +124,9 @@ class TrainingConfig:
     resume: bool = True
     overwrite: bool = False
     threads: int = 0
+    patch_size: str = "auto"
+    foreground_fraction: float = 0.33
+    steps_per_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,9 @@ class TestingConfig:
     figures: int = 4
     instances: bool = False
     min_instance_mm3: float = 100.0
+    overlap: float = 0.5
+    tta_flip: bool = False
+    min_component_mm3: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,7 @@ SECTIONS = {
     "testing": TestingConfig,
 }
 CHOICES = {
+    ("preprocessing", "mode"): ("grid", "spacing"),
     ("preprocessing", "normalisation"): ("zscore", "minmax"),
     ("preprocessing", "image_interpolation"): ("linear", "bspline"),
     ("model", "norm"): ("instance", "batch", "group"),
@@ -184,7 +196,12 @@ POSITIVE = {
     ("training", "batch_size"),
     ("training", "learning_rate"),
 }
-FRACTIONS = {("training", "val_fraction"), ("training", "test_fraction")}
+FRACTIONS = {
+    ("training", "val_fraction"),
+    ("training", "test_fraction"),
+    ("training", "foreground_fraction"),
+    ("testing", "overlap"),
+}
 
 
 def _plain(value: object) -> object:
@@ -351,13 +368,44 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[preprocessing] {key} = {getattr(p, key)!r}: must be >= 0")
     if config.testing.figures < 0:
         raise ConfigError(f"[testing] figures = {config.testing.figures}: must be >= 0")
-    if config.testing.min_instance_mm3 < 0:
-        raise ConfigError(
-            f"[testing] min_instance_mm3 = {config.testing.min_instance_mm3}: must be >= 0"
-        )
+    for key in ("min_instance_mm3", "min_component_mm3"):
+        if getattr(config.testing, key) < 0:
+            raise ConfigError(f"[testing] {key} = {getattr(config.testing, key)}: must be >= 0")
+    if t.steps_per_epoch < 0:
+        raise ConfigError(f"[training] steps_per_epoch = {t.steps_per_epoch}: must be >= 0")
+    target_spacing(p.target_spacing)
+    patch_size(t.patch_size, config.model.depth)
     if not config.data.sequences:
         raise ConfigError("[data] sequences is empty")
     _check_paths(config.paths)
+
+
+def target_spacing(text: str) -> tuple[float, float, float] | None:
+    """[preprocessing] target_spacing: None for auto, else three mm values > 0 (S-I, A-P,
+    slices); ConfigError naming the key otherwise."""
+    if text.strip().lower() == "auto":
+        return None
+    where = "[preprocessing] target_spacing"
+    values = _convert(text, tuple[float, float, float], where, Path())
+    if any(v <= 0 for v in values):
+        raise ConfigError(f"{where} = {text!r}: every spacing must be > 0 mm (or auto)")
+    return values  # type: ignore[return-value]
+
+
+def patch_size(text: str, depth: int) -> tuple[int, int, int] | None:
+    """[training] patch_size: None for auto, else three sizes (S-I, A-P, slices), each a
+    positive multiple of 2^(depth-1); ConfigError naming the key otherwise."""
+    if text.strip().lower() == "auto":
+        return None
+    where = "[training] patch_size"
+    values = _convert(text, tuple[int, int, int], where, Path())
+    factor = 2 ** (depth - 1)
+    if any(v <= 0 or v % factor for v in values):
+        raise ConfigError(
+            f"{where} = {text!r}: each size must be a positive multiple of {factor} = "
+            f"2^(depth-1), [model] depth = {depth} (or auto)"
+        )
+    return values  # type: ignore[return-value]
 
 
 def _inside(path: Path, folder: Path) -> bool:

@@ -7,9 +7,14 @@ configuration file.
 
 A plan is a flat JSON-compatible dict:
     preprocessing_version  int, bumped when the same settings would give other data
-    mode                   "grid" (the fixed grid; later modes add their own keys)
+    mode                   "grid" (every crop stretched to one grid) or "spacing" (every crop
+                           resampled to one spacing; patch training, sliding-window inference)
     orientation            canonical orientation of every array ("PIR")
-    grid                   [height S-I, width A-P, sagittal slices]
+    grid                   grid mode: [height S-I, width A-P, sagittal slices]
+    target_spacing         spacing mode: the setting ("auto" or three mm values)
+    spacing_mm             spacing mode: the spacing used, mm [S-I, A-P, slices] (derived)
+    patch_size_setting     spacing mode: [training] patch_size ("auto" or three sizes)
+    patch_size             spacing mode: the training/inference patch, voxels (derived)
     normalisation, clip_percentiles, padding_value, crop, crop_margin_mm, closing_radius_mm,
     body_mask_resolution_mm, image_interpolation, mask_interpolation
     class_names            ["background", ...] in class-index order
@@ -22,6 +27,7 @@ import json
 from pathlib import Path
 
 from config import ConfigError, LabelsConfig, PreprocessingConfig
+from spacing_mode import format_spacing
 from vertebraeseg import (
     BODY_MASK_RESOLUTION_MM,
     CANONICAL,
@@ -32,10 +38,15 @@ from vertebraeseg import (
 PLAN_FILE = "plan.json"
 # PreprocessingConfig fields that do not change the data (left out of the plan).
 NOT_IN_PLAN = ("workers",)
+# Keys preprocess_script.py derives from the data: a configuration cannot state them.
+DERIVED = ("spacing_mm", "patch_size")
 
 
-def make_plan(settings: PreprocessingConfig, labels: LabelsConfig) -> dict[str, object]:
-    """The plan that `settings` and `labels` produce (what preprocess_script.py records)."""
+def make_plan(
+    settings: PreprocessingConfig, labels: LabelsConfig, patch_size: str = "auto"
+) -> dict[str, object]:
+    """The plan that `settings`, `labels` and [training] patch_size produce, without the keys
+    derived from the data (DERIVED; preprocess_script.py adds them in spacing mode)."""
     plan: dict[str, object] = {
         "preprocessing_version": PREPROCESSING_VERSION,
         "mode": "grid",
@@ -43,20 +54,27 @@ def make_plan(settings: PreprocessingConfig, labels: LabelsConfig) -> dict[str, 
         "body_mask_resolution_mm": BODY_MASK_RESOLUTION_MM,
         "mask_interpolation": "nearest",
     }
+    unused = ("target_spacing",) if settings.mode == "grid" else ("grid",)
     for key, value in settings.__dict__.items():
-        if key not in NOT_IN_PLAN:
+        if key not in NOT_IN_PLAN + unused:
             plan[key] = list(value) if isinstance(value, tuple) else value
+    if settings.mode == "spacing":
+        plan["patch_size_setting"] = patch_size
     plan["class_names"] = list(labels.class_names)
     plan["label_map"] = {str(raw): index for raw, index in sorted(labels.lookup().items())}
     return plan
 
 
 def plan_settings(plan: dict[str, object]) -> PreprocessingConfig:
-    """The PreprocessingConfig a plan was made with (workers: the default)."""
+    """The PreprocessingConfig a plan was made with (workers: the default; in spacing mode
+    target_spacing is the resolved spacing_mm, never auto)."""
     fields = PreprocessingConfig.__dataclass_fields__
     values = {key: plan[key] for key in fields if key in plan}
-    for key in ("grid", "clip_percentiles"):
-        values[key] = tuple(values[key])
+    values["clip_percentiles"] = tuple(values["clip_percentiles"])
+    if "grid" in values:
+        values["grid"] = tuple(values["grid"])
+    if plan.get("mode") == "spacing":
+        values["target_spacing"] = format_spacing(plan["spacing_mm"])
     return PreprocessingConfig(**values)
 
 
@@ -87,7 +105,7 @@ def check_plan(found: dict[str, object], expected: dict[str, object], where: Pat
     changed = [
         f"{key}: preprocessed with {found.get(key)!r}, the configuration says {expected.get(key)!r}"
         for key in sorted(set(found) | set(expected))
-        if found.get(key) != expected.get(key)
+        if key not in DERIVED and found.get(key) != expected.get(key)
     ]
     if changed:
         raise ConfigError(

@@ -1,39 +1,80 @@
 """Segment new scans (no mask needed) with a trained checkpoint.
 
-    python predict_script.py --checkpoint RUN/checkpoints/best.pt INPUT [INPUT ...] --output-dir DIR
+    python predict_script.py --checkpoint RUN/checkpoints/best.pt INPUT [INPUT ...] \
+        --output-dir DIR [--instances]
 
-INPUT: any 3-D scalar image SimpleITK reads (.mha, .nii.gz, .nrrd, ...), in any orientation.
+INPUT: any 3-D scalar image SimpleITK reads (.mha, .nii.gz, .nrrd, ...), in any orientation,
+or a folder holding one DICOM series (read with SimpleITK's series reader; a folder with no
+series or several is an error that names it).
 Writes DIR/<input name>.mha: uint8 class indices (0 background, then the [labels] classes in
 order, listed in DIR/classes.csv) with exactly the scan's size, spacing, origin and direction.
+With --instances also DIR/<input name>_instances.mha (one label per vertebra and disc in SPIDER
+numbering: 1 = L5 upward, 201 = L5/S1 upward, 100 canal) and DIR/<input name>_instances.csv
+(label, structure, level, volume in mm^3, centroid in LPS mm, S-I extent in mm).
 The scan is preprocessed by the plan stored in the checkpoint (never the current configuration
-file), through the same function the test loop uses. A bad input is reported
-with its reason and skipped; the exit status is 0 when every input was segmented, else 1.
+file), through the same function the test loop uses. A bad input is reported with its reason
+and skipped; the exit status is 0 when every input was segmented, else 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
+import SimpleITK as sitk
 from tqdm import tqdm
 
+from devices import configure_threads, pick_device
 from store_plot_metrics import write_csv
-from test_unet import Predictor, segment_scan
-from train import configure_threads, load_checkpoint, pick_device
-from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
+from test_unet import Predictor, segment_scan, testing_from_checkpoint
+from train import load_checkpoint
+from vertebraeseg import CaseError, read_scan, split_suffix
 
 
 def output_name(path: Path) -> str:
+    """'scan.nii.gz' -> 'scan'; a DICOM folder -> its name."""
     parts = split_suffix(path.name)
-    return (parts[0] if parts else path.stem) + ".mha"
+    return parts[0] if parts else path.stem if path.is_file() else path.name
+
+
+def read_dicom_series(folder: Path) -> sitk.Image:
+    """The one DICOM series in `folder` as a 3-D image; CaseError names the folder when it
+    holds no series or several."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise CaseError(f"folder {folder} holds no DICOM series")
+    if len(series) > 1:
+        raise CaseError(
+            f"folder {folder} holds {len(series)} DICOM series ({', '.join(series)}): "
+            "give a folder with one series"
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise CaseError(f"DICOM series in {folder} is unreadable ({str(err)[:160]})") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise CaseError(f"DICOM series in {folder} is not a 3-D scalar image")
+    return image
+
+
+def read_input(path: Path) -> sitk.Image:
+    """An image file, or a folder of one DICOM series."""
+    if path.is_dir():
+        return read_dicom_series(path)
+    return read_scan(path, "input")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help="scans to segment")
+    parser.add_argument(
+        "inputs", type=Path, nargs="+", metavar="INPUT", help="scans or DICOM series folders"
+    )
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the masks")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument(
@@ -41,13 +82,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="map grid labels back by nearest neighbour instead of resampling probabilities",
     )
+    parser.add_argument(
+        "--instances",
+        action="store_true",
+        help="also write one label per vertebra and disc (SPIDER numbering) and a table",
+    )
+    parser.add_argument(
+        "--min-instance-mm3",
+        type=float,
+        default=None,
+        help="drop instance fragments smaller than this (default: the checkpoint's "
+        "[testing] min_instance_mm3)",
+    )
     args = parser.parse_args(argv)
     configure_threads(0, 1)
     try:
         state = load_checkpoint(args.checkpoint)
-        predictor = Predictor.from_checkpoint(
-            state, pick_device(args.device), not args.labels_nearest
+        testing = testing_from_checkpoint(state)  # overlap, TTA, post-processing of the run
+        testing = replace(
+            testing,
+            map_probabilities=not args.labels_nearest,
+            instances=args.instances,
+            min_instance_mm3=(
+                testing.min_instance_mm3 if args.min_instance_mm3 is None else args.min_instance_mm3
+            ),
         )
+        predictor = Predictor.from_checkpoint(state, pick_device(args.device), testing)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -59,15 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for path in tqdm(args.inputs, desc="predict", unit="scan", disable=not sys.stderr.isatty()):
         try:
-            scan = read_scan(path, "input")
-            mask = segment_scan(predictor, scan).classes
+            segmentation = segment_scan(predictor, read_input(path))
         except (CaseError, OSError) as err:
             tqdm.write(f"error: {path}: {err}")
             failed += 1
             continue
-        target = args.output_dir / output_name(path)
-        atomic_write_image(mask, target)
-        tqdm.write(f"{path} -> {target}")
+        written = segmentation.write(args.output_dir, output_name(path))
+        tqdm.write(f"{path} -> {', '.join(str(p) for p in written)}")
     return 1 if failed else 0
 
 

@@ -21,15 +21,26 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from config import Config, ConfigError, PreprocessingConfig, driver_arguments, load_config
+from config import (
+    Config,
+    ConfigError,
+    PreprocessingConfig,
+    driver_arguments,
+    load_config,
+    patch_size,
+    target_spacing,
+)
 from plan import make_plan, write_plan
+from spacing_mode import auto_patch_size, auto_target_spacing, format_spacing, pir_spacing_and_size
 from synthetic_spine import generate_dataset
 from vertebraeseg import atomic_write_text, discover_cases, preprocess_case, read_overview
 
@@ -119,6 +130,43 @@ def summarise(manifest: pd.DataFrame, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def resolve_target_spacing(config: Config) -> tuple[float, float, float]:
+    """[preprocessing] target_spacing, or (auto) nnU-Net's rule over the spacings of every
+    readable scan of raw_dir (spacing_mode.auto_target_spacing), in mm (S-I, A-P, slices)."""
+    explicit = target_spacing(config.preprocessing.target_spacing)
+    if explicit is not None:
+        return explicit
+    cases, _ = discover_cases(config.paths.raw_dir, config.data.sequences)
+    found = []
+    for files in cases:
+        try:
+            found.append(pir_spacing_and_size(files.image_path))
+        except RuntimeError:
+            continue  # preprocessing reports the unreadable file
+    if not found:
+        raise ConfigError(
+            f"[preprocessing] target_spacing = auto: no readable scan in {config.paths.raw_dir}"
+        )
+    spacings, sizes = (np.array(values) for values in zip(*found, strict=True))
+    return auto_target_spacing(spacings, sizes)
+
+
+def resolve_patch_size(config: Config, manifest: pd.DataFrame) -> tuple[int, int, int]:
+    """[training] patch_size, or (auto) spacing_mode.auto_patch_size of the median size of the
+    preprocessed cases (S-I, A-P, slices)."""
+    explicit = patch_size(config.training.patch_size, config.model.depth)
+    if explicit is not None:
+        return explicit
+    sizes = [
+        pir_spacing_and_size(Path(path))[1]
+        for path in manifest.loc[manifest["status"] == "ok", "out_image"]
+    ]
+    if not sizes:
+        raise ConfigError("[training] patch_size = auto: no preprocessed case to size it from")
+    median = np.median(np.array(sizes), axis=0)
+    return auto_patch_size(tuple(int(v) for v in median), config.model.depth)
+
+
 def run(config: Config, progress: bool | None = None) -> int:
     """Preprocess raw_dir, record plan.json, print the summary; return the exit status.
 
@@ -127,15 +175,24 @@ def run(config: Config, progress: bool | None = None) -> int:
         progress = sys.stderr.isatty()
     ensure_raw_data(config)
     out_dir = config.paths.preprocessed_dir
+    settings = config.preprocessing
+    plan = make_plan(settings, config.labels, config.training.patch_size)
+    if settings.mode == "spacing":
+        spacing = resolve_target_spacing(config)
+        settings = replace(settings, target_spacing=format_spacing(spacing))
+        plan["spacing_mm"] = list(spacing)
     manifest = preprocess_dataset(
         config.paths.raw_dir,
         out_dir,
         config.data.sequences,
-        config.preprocessing,
+        settings,
         config.labels.lookup(),
         progress=progress,
     )
-    plan_path = write_plan(make_plan(config.preprocessing, config.labels), out_dir)
+    if settings.mode == "spacing":
+        plan["patch_size"] = list(resolve_patch_size(config, manifest))
+        print(f"spacing mode: {plan['spacing_mm']} mm, patch {plan['patch_size']} voxels")
+    plan_path = write_plan(plan, out_dir)
     print(summarise(manifest, out_dir))
     print(f"manifest: {out_dir / 'manifest.csv'}; plan: {plan_path}")
     if (manifest["status"] == "ok").sum() == 0:

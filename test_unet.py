@@ -21,9 +21,14 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
+from config import TestingConfig
+from devices import fast_settings
+from instances import instance_table, separate_instances
+from patches import model_predictor, window_probabilities
 from plan import plan_lookup, plan_settings
+from spider_metrics import spider_scores, summarise_spider
 from store_plot_metrics import plot_overlay, write_csv
-from train import build_model, fast_settings
+from train import build_model
 from unet_model import UNet3D
 from vertebraeseg import (
     CANONICAL,
@@ -120,55 +125,134 @@ def plan_from_checkpoint(state: dict) -> dict[str, object]:
     return state["plan"]
 
 
+INSTANCE_CLASSES = ("vertebrae", "intervertebral_discs", "spinal_canal")
+
+
+def instance_classes(class_names: tuple[str, ...]) -> tuple[int, int, int | None]:
+    """Class indices of vertebrae, intervertebral_discs and (optional) spinal_canal, which the
+    instance step needs; ValueError naming the classes there are otherwise."""
+    names = list(class_names)
+    if INSTANCE_CLASSES[0] not in names or INSTANCE_CLASSES[1] not in names:
+        raise ValueError(
+            "the instance step needs classes named vertebrae and intervertebral_discs "
+            f"([labels]); this model has {', '.join(names[1:])}"
+        )
+    canal = names.index(INSTANCE_CLASSES[2]) if INSTANCE_CLASSES[2] in names else None
+    return names.index(INSTANCE_CLASSES[0]), names.index(INSTANCE_CLASSES[1]), canal
+
+
+def uses_spider_numbering(plan: dict) -> bool:
+    """Whether the plan's reference masks carry SPIDER's instance numbering: vertebrae among
+    1-25/101-125, discs among 201-225 and the canal 100 (a semantic export such as the real
+    slabs' 76/29/150 does not)."""
+    names = plan["class_names"]
+    if any(name not in names for name in INSTANCE_CLASSES):
+        return False
+    values: dict[str, set[int]] = {name: set() for name in names}
+    for raw, index in plan_lookup(plan).items():
+        values[names[index]].add(raw)
+    vertebrae, discs, canal = (values[name] for name in INSTANCE_CLASSES)
+    allowed = set(range(1, 26)) | set(range(101, 126))
+    return (
+        len(vertebrae) > 1
+        and vertebrae <= allowed
+        and len(discs) > 1
+        and discs <= set(range(201, 226))
+        and canal == {100}
+    )
+
+
+def testing_from_checkpoint(state: dict) -> TestingConfig:
+    """The [testing] settings the checkpoint's run was configured with (defaults for keys an
+    older run did not have)."""
+    saved = state["config"].get("testing", {})
+    known = TestingConfig.__dataclass_fields__
+    return TestingConfig(**{key: value for key, value in saved.items() if key in known})
+
+
 @dataclass(frozen=True)
 class Predictor:
-    """Everything that turns a raw scan into a mask, taken from one checkpoint: the network,
-    the plan its data were made with, the device, and how probabilities go back to the scan."""
+    """Everything that turns a raw scan into masks: the network, the plan its data were made
+    with, the device and precision, and the [testing] settings of the way back (probabilities
+    or labels, sliding-window overlap, flip TTA, small-component removal, the instance step)."""
 
     model: UNet3D
     plan: dict
     device: torch.device
     precision: str = "auto"
-    map_probabilities: bool = True
+    testing: TestingConfig = TestingConfig()
 
     @classmethod
     def from_checkpoint(
-        cls, state: dict, device: torch.device, map_probabilities: bool = True
+        cls, state: dict, device: torch.device, testing: TestingConfig | None = None
     ) -> Predictor:
+        """testing: None for the checkpoint run's own [testing] settings."""
+        plan = plan_from_checkpoint(state)
+        testing = testing or testing_from_checkpoint(state)
+        if testing.instances:
+            instance_classes(tuple(plan["class_names"]))  # fail before any scan is read
         return cls(
             model_from_checkpoint(state, device),
-            plan_from_checkpoint(state),
+            plan,
             device,
             precision_from_checkpoint(state),
-            map_probabilities,
+            testing,
         )
 
 
 @dataclass(frozen=True)
 class Segmentation:
-    """A scan's predicted class mask and the label-free crop it was predicted from."""
+    """A scan's predicted masks and the label-free crop they were predicted from."""
 
     classes: sitk.Image  # uint8 class indices, exactly the scan's geometry
     crop_index: tuple[int, int, int]  # in the PIR-reoriented scan, (x, y, z)
     crop_size: tuple[int, int, int]
+    instances: sitk.Image | None = None  # SPIDER-numbered instances (the instance step)
+
+    def write(self, folder: Path, name: str) -> list[Path]:
+        """folder/<name>.mha, and with instances <name>_instances.mha and .csv (one row per
+        instance: label, structure, level, volume, centroid, S-I extent). Atomic writes."""
+        paths = [folder / f"{name}.mha"]
+        atomic_write_image(self.classes, paths[0])
+        if self.instances is not None:
+            paths += [folder / f"{name}_instances.mha", folder / f"{name}_instances.csv"]
+            atomic_write_image(self.instances, paths[1])
+            write_csv(instance_table(self.instances), paths[2])
+        return paths
 
 
 @torch.no_grad()
 def predict_probabilities(
-    model: UNet3D, grid_image: sitk.Image, device: torch.device, precision: str = "auto"
+    model: UNet3D,
+    grid_image: sitk.Image,
+    device: torch.device,
+    precision: str = "auto",
+    patch_size: tuple[int, int, int] | None = None,
+    overlap: float = 0.5,
+    flip: bool = False,
 ) -> np.ndarray:
-    """Softmax probabilities (classes, slices, height, width) float32 for one grid image.
+    """Softmax probabilities (classes, slices, height, width) float32 for one image.
 
-    precision auto|bf16|fp32 as in [training]; with channels_last_3d (train.fast_settings).
+    precision auto|bf16|fp32 as in [training]; with channels_last_3d (devices.fast_settings).
+    patch_size None: the whole image in one pass (grid mode); else (slices, height, width) and
+    a Gaussian-weighted sliding window with `overlap` (spacing mode, patches.py). flip: the mean
+    with the prediction of the left-right flipped image (test-time augmentation).
     """
     array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
-    batch = torch.from_numpy(array)[None, None].to(device)
+    image = torch.from_numpy(array)[None].to(device)
     amp_dtype, channels_last = fast_settings(device, precision)
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
-    batch = batch.contiguous(memory_format=layout)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(batch)
-    return logits[0].float().softmax(dim=0).cpu().numpy()
+    predict = model_predictor(model, amp_dtype, channels_last)
+    if patch_size is None:
+        probabilities = predict(image[None])[0].softmax(dim=0)
+        if flip:
+            flipped = predict(image.flip(1)[None])[0].softmax(dim=0)
+            probabilities = (probabilities + flipped.flip(1)) / 2
+    else:
+        classes = model.arguments["num_classes"]
+        probabilities = window_probabilities(
+            predict, image, patch_size, overlap, classes, flip_slices=flip
+        )
+    return probabilities.float().cpu().numpy()
 
 
 def back_to_scan(
@@ -186,15 +270,51 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     """A raw scan (any orientation; no mask is used) -> its class mask, in the scan's geometry.
 
     The one prediction path: predict_script.py and the test loop both call it, so a reported
-    test number is what a user gets. Preprocessing follows the predictor's plan.
+    test number is what a user gets. Preprocessing follows the predictor's plan; the instance
+    step (instances.separate_instances) runs on the scan when the predictor asks for it.
     """
-    settings = plan_settings(predictor.plan)
+    settings, testing = plan_settings(predictor.plan), predictor.testing
     grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
+    patch = None
+    if settings.mode == "spacing":
+        height, width, slices = predictor.plan["patch_size"]
+        patch = (slices, height, width)
     probabilities = predict_probabilities(
-        predictor.model, grid.image, predictor.device, predictor.precision
+        predictor.model,
+        grid.image,
+        predictor.device,
+        predictor.precision,
+        patch,
+        testing.overlap,
+        testing.tta_flip,
     )
-    classes = back_to_scan(probabilities, grid.image, scan, predictor.map_probabilities)
-    return Segmentation(classes, grid.crop_index, grid.crop_size)
+    classes = back_to_scan(probabilities, grid.image, scan, testing.map_probabilities)
+    if testing.min_component_mm3 > 0:
+        classes = remove_small_components(classes, testing.min_component_mm3)
+    instances = None
+    if testing.instances:
+        vertebra, disc, canal = instance_classes(tuple(predictor.plan["class_names"]))
+        instances = separate_instances(classes, vertebra, disc, canal, testing.min_instance_mm3)
+    return Segmentation(classes, grid.crop_index, grid.crop_size, instances)
+
+
+def remove_small_components(classes: sitk.Image, min_mm3: float) -> sitk.Image:
+    """Post-processing: connected components (26-connected) of each foreground class smaller
+    than min_mm3 become background. classes: uint8 class indices; geometry kept."""
+    array = sitk.GetArrayFromImage(classes)
+    voxel_mm3 = float(np.prod(classes.GetSpacing()))
+    for label in np.unique(array):
+        if label == 0:
+            continue
+        components = sitk.ConnectedComponent(classes == int(label), True)
+        sizes = sitk.GetArrayFromImage(components)
+        counts = np.bincount(sizes.ravel())
+        small = np.flatnonzero(counts * voxel_mm3 < min_mm3)
+        small = small[small > 0]
+        array[np.isin(sizes, small)] = 0
+    result = sitk.GetImageFromArray(array)
+    result.CopyInformation(classes)
+    return result
 
 
 def outside_crop_fraction(
@@ -253,14 +373,18 @@ METRIC_COLUMNS = [
 
 def read_reference(
     image_path: Path, mask_path: Path, lookup: dict[int, int]
-) -> tuple[sitk.Image, sitk.Image]:
-    """(scan, class-index reference in the scan's geometry); CaseError names file and problem."""
+) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """(scan, class-index reference, raw reference as uint16), both references in the scan's
+    geometry; CaseError names the file and the problem."""
     scan = read_scan(image_path, "image")
     raw_mask = read_scan(mask_path, "mask")
     check_same_geometry(scan, raw_mask)
-    reference = sitk.GetImageFromArray(map_labels(sitk.GetArrayFromImage(raw_mask), lookup))
+    raw = sitk.GetArrayFromImage(raw_mask)
+    reference = sitk.GetImageFromArray(map_labels(raw, lookup))
     reference.CopyInformation(scan)
-    return scan, reference
+    raw_reference = sitk.GetImageFromArray(raw.astype(np.uint16))
+    raw_reference.CopyInformation(scan)
+    return scan, reference, raw_reference
 
 
 def evaluate_checkpoint(
@@ -268,32 +392,40 @@ def evaluate_checkpoint(
     cases: pd.DataFrame,
     run_dir: Path,
     device: torch.device,
-    map_probabilities: bool = True,
-    figures: int = 4,
+    testing: TestingConfig,
     progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
     """Test a checkpoint as deployed: every case is segmented from its RAW scan by
     segment_scan (the path predict_script.py takes), following the checkpoint's plan; the
     reference (mapped with the plan's label map) is read only for the metrics.
 
     cases: rows with case_id, image_path, mask_path (raw files). Writes predictions/<case>.mha,
     test_metrics.csv (one row per case and class, METRIC_COLUMNS), test_summary.csv and
-    figures of the `figures` cases with the lowest mean Dice. A case that cannot be read is
-    reported and skipped. Returns (metrics, summary).
+    figures of the testing.figures cases with the lowest mean Dice. A case that cannot be read
+    is reported and skipped. With testing.instances the instance step runs too:
+    predictions/<case>_instances.mha/.csv, and where the references carry SPIDER numbering
+    the challenge's metric (spider_metrics): test_instance_metrics.csv (per case) and
+    test_instance_summary.csv. Returns (metrics, summary, instance summary or None).
     """
-    predictor = Predictor.from_checkpoint(state, device, map_probabilities)
+    predictor = Predictor.from_checkpoint(state, device, testing)
     lookup = plan_lookup(predictor.plan)
+    score_instances = testing.instances and uses_spider_numbering(predictor.plan)
     class_names = tuple(state["class_names"])
-    rows, shown = [], []
+    rows, instance_rows, shown = [], [], []
     for case in tqdm(cases.itertuples(), total=len(cases), desc="test", disable=not progress):
         try:
-            scan, reference = read_reference(Path(case.image_path), Path(case.mask_path), lookup)
+            scan, reference, raw_reference = read_reference(
+                Path(case.image_path), Path(case.mask_path), lookup
+            )
         except CaseError as err:
             tqdm.write(f"test case {case.case_id} skipped: {err}")
             continue
         segmentation = segment_scan(predictor, scan)
         prediction = segmentation.classes
-        atomic_write_image(prediction, run_dir / "predictions" / f"{case.case_id}.mha")
+        segmentation.write(run_dir / "predictions", case.case_id)
+        if score_instances:
+            scores = spider_scores(raw_reference, segmentation.instances)
+            instance_rows.append({"case_id": case.case_id, **scores})
         case_rows = []
         for index, row in enumerate(case_metrics(prediction, reference, class_names), start=1):
             lost = outside_crop_fraction(
@@ -303,11 +435,17 @@ def evaluate_checkpoint(
         rows += case_rows
         mean_dice = float(np.mean([row["dice"] for row in case_rows]))
         shown.append((mean_dice, case.case_id, scan, reference, prediction))
-        shown = sorted(shown, key=lambda item: item[0])[:figures]  # keep only the worst
+        shown = sorted(shown, key=lambda item: item[0])[: testing.figures]  # the worst only
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     summary = summarise(metrics, class_names)
     write_csv(metrics, run_dir / "test_metrics.csv")
     write_csv(summary, run_dir / "test_summary.csv")
+    instance_summary = None
+    if instance_rows:
+        per_case = pd.DataFrame(instance_rows)
+        instance_summary = summarise_spider(per_case)
+        write_csv(per_case, run_dir / "test_instance_metrics.csv")
+        write_csv(instance_summary, run_dir / "test_instance_summary.csv")
     for mean_dice, case_id, scan, reference, prediction in shown:
         arrays = [
             sitk.GetArrayFromImage(sitk.DICOMOrient(image, CANONICAL))
@@ -318,4 +456,4 @@ def evaluate_checkpoint(
             title=f"{case_id}: mean Dice {mean_dice:.3f}",
             path=run_dir / "figures" / f"{case_id}.png",
         )
-    return metrics, summary
+    return metrics, summary, instance_summary

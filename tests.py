@@ -19,9 +19,22 @@ import SimpleITK as sitk
 import torch
 
 from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
+from devices import bf16_supported
 from metrics import confusion_matrix, scores_from_confusion
+from patches import (
+    crop_patches,
+    foreground_index,
+    foreground_patch_count,
+    gaussian_weights,
+    pad_to_patch,
+    sample_batch,
+    sample_patch_starts,
+    sliding_window_probabilities,
+    window_starts,
+)
 from plan import make_plan
 from preprocess_script import preprocess_dataset
+from spacing_mode import auto_patch_size, auto_target_spacing
 from spider_metrics import spider_instances, spider_scores, structure_of, summarise_spider
 from synthetic_spine import generate_dataset, synth_patient, write_case
 from test_unet import (
@@ -35,12 +48,11 @@ from train import (
     NonFiniteLossError,
     SegmentationLoss,
     augment_batch,
-    bf16_supported,
-    choose_cache,
     fit,
     load_checkpoint,
     patient_split,
 )
+from training_data import choose_cache
 from unet_model import Conv3d, UNet3D
 from vertebraeseg import (
     CaseError,
@@ -117,12 +129,12 @@ def tiny_raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_raw) -> Path:
-    """A finished 2-epoch run (preprocess + train + test) on the tiny set."""
+    """A finished 2-epoch run (preprocess + train + test, instance step on) on the tiny set."""
     import preprocess_script
     import trainandtest_script
 
     folder = tmp_path_factory.mktemp("run")
-    cfg = write_config(folder, tiny_raw)
+    cfg = write_config(folder, tiny_raw, testing={"figures": 1, "instances": "true"})
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     assert trainandtest_script.main(["--config", str(cfg)]) == 0
     return folder
@@ -174,6 +186,13 @@ def test_set_overrides_are_typed(tmp_path):
         ("paths.output_dir=raw/run", "output_dir"),
         ("paths.preprocessed_dir=raw", "lies inside raw_dir"),
         ("noequals", "expected section.key=value"),
+        ("preprocessing.mode=native", "[preprocessing] mode = 'native': choose one of grid"),
+        ("preprocessing.target_spacing=0.9, 0, 3", "[preprocessing] target_spacing = '0.9, 0, 3'"),
+        ("preprocessing.target_spacing=fine", "target_spacing = 'fine': expected 3"),
+        ("training.patch_size=30, 16, 8", "[training] patch_size = '30, 16, 8': each size"),
+        ("training.foreground_fraction=2", "foreground_fraction = 2.0: must be a fraction"),
+        ("testing.overlap=1", "[testing] overlap = 1.0: must be a fraction"),
+        ("testing.min_component_mm3=-1", "[testing] min_component_mm3 = -1.0: must be >= 0"),
     ],
 )
 def test_configuration_errors_name_key_and_value(tmp_path, override, message):
@@ -738,6 +757,381 @@ def test_spider_summary_is_nan_aware():
         summarise_spider(per_case.drop(columns="canal_dice"))
 
 
+def test_auto_target_spacing_follows_the_anisotropy_rule():
+    # thick slices (5 mm median vs 0.5 mm in plane, 20 vs 400 voxels): the 10th percentile
+    spacings = np.array([[0.5, 0.5, 4.0], [0.6, 0.6, 5.0], [0.5, 0.5, 6.0]])
+    sizes = np.array([[400, 400, 20], [380, 380, 18], [420, 420, 22]])
+    expected_slices = np.percentile([4.0, 5.0, 6.0], 10)  # 4.2
+    assert auto_target_spacing(spacings, sizes) == pytest.approx((0.5, 0.5, expected_slices))
+    # not anisotropic enough: the median per axis
+    near = np.array([[1.0, 1.0, 1.2], [0.8, 0.9, 1.0], [1.0, 1.1, 2.0]])
+    assert auto_target_spacing(near, sizes) == pytest.approx((1.0, 1.0, 1.2))
+    # anisotropic spacing but many slices: the median too
+    many = np.array([[400, 400, 300]] * 3)
+    assert auto_target_spacing(spacings, many) == pytest.approx((0.5, 0.5, 5.0))
+
+
+def test_auto_patch_size_fits_the_budget_and_the_network():
+    patch = auto_patch_size((300, 180, 24), depth=4, max_voxels=160 * 160 * 16)
+    assert all(v % 8 == 0 for v in patch) and np.prod(patch) <= 160 * 160 * 16
+    assert patch == (200, 120, 16)  # the short slice axis keeps most of its size
+    assert auto_patch_size((10, 10, 3), depth=4) == (16, 16, 8)  # small: rounded up, padded
+    assert auto_patch_size((40, 40, 12), depth=3) == (40, 40, 12)
+
+
+# ---------------------------------------------------------------- spacing mode: patches
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def contains_label(mask: torch.Tensor, starts: torch.Tensor, patch, label=None) -> list[bool]:
+    """Per patch: does it hold any voxel > 0 (or == label)?"""
+    _, patches = crop_patches(mask[None].float(), mask, starts, patch)
+    hit = patches > 0 if label is None else patches == label
+    return hit.flatten(1).any(1).tolist()
+
+
+# ---------------------------------------------------------------- padding
+
+
+def test_pad_shapes_and_region_recover_original():
+    image = torch.randn(2, 3, 9, 4)
+    mask = torch.randint(0, 3, (3, 9, 4), dtype=torch.uint8)
+    padded, padded_mask, region = pad_to_patch(image, mask, (6, 5, 7), image_fill=-1.5)
+    assert padded.shape == (2, 6, 9, 7)
+    assert padded_mask.shape == (6, 9, 7) and padded_mask.dtype == torch.uint8
+    assert region == (slice(1, 4), slice(0, 9), slice(1, 5))
+    assert torch.equal(padded[(slice(None), *region)], image)
+    assert torch.equal(padded_mask[region], mask)
+    outside = torch.ones(6, 9, 7, dtype=torch.bool)
+    outside[region] = False
+    assert (padded[:, outside] == -1.5).all()
+    assert (padded_mask[outside] == 0).all()
+
+
+def test_volume_smaller_than_patch_is_padded_not_skipped():
+    image = torch.randn(1, 2, 3, 4)
+    padded, mask, region = pad_to_patch(image, None, (8, 8, 8), image_fill=0.0)
+    assert padded.shape == (1, 8, 8, 8) and mask is None
+    assert torch.equal(padded[(slice(None), *region)], image)
+    starts = window_starts(tuple(padded.shape[1:]), (8, 8, 8), 0.5)
+    assert starts == [(0, 0, 0)]
+
+
+def test_pad_is_a_no_op_when_large_enough():
+    image, mask = torch.randn(1, 8, 9, 10), torch.zeros(8, 9, 10, dtype=torch.uint8)
+    padded, padded_mask, region = pad_to_patch(image, mask, (8, 9, 10), image_fill=0.0)
+    assert padded is image and padded_mask is mask
+    assert region == (slice(0, 8), slice(0, 9), slice(0, 10))
+
+
+def test_pad_rejects_mismatched_mask():
+    with pytest.raises(ValueError, match="mask shape"):
+        pad_to_patch(torch.zeros(1, 4, 4, 4), torch.zeros(4, 4, 5), (4, 4, 4), 0.0)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_foreground_index_per_class_flat_indices():
+    mask = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    mask[0, 1, 2] = 2
+    mask[2, 3, 4] = 1
+    mask[1, 0, 0] = 2
+    index = foreground_index(mask)
+    assert list(index) == [1, 2]
+    flat = mask.reshape(-1)
+    for label, voxels in index.items():
+        assert voxels.dtype == torch.int64
+        assert torch.equal(voxels, torch.nonzero(flat == label).reshape(-1))
+    assert foreground_index(torch.zeros(2, 2, 2, dtype=torch.uint8)) == {}
+
+
+def test_foreground_patch_count_expectation_is_the_fraction():
+    generator = seeded(1)
+    assert foreground_patch_count(4, 1.0, generator) == 4
+    assert foreground_patch_count(4, 0.0, generator) == 0
+    assert foreground_patch_count(4, 0.5, generator) == 2
+    # a batch of one at 0.33 (nnU-Net's rounding never oversamples it): ~33% of batches
+    draws = [foreground_patch_count(1, 0.33, generator) for _ in range(4000)]
+    assert abs(np.mean(draws) - 0.33) < 4 * math.sqrt(0.33 * 0.67 / 4000)
+    draws = [foreground_patch_count(2, 0.33, generator) for _ in range(4000)]
+    assert set(draws) == {0, 1}
+    assert abs(np.mean(draws) / 2 - 0.33) < 0.03
+
+
+def test_fraction_one_every_patch_contains_foreground():
+    mask = torch.zeros(20, 30, 25, dtype=torch.uint8)
+    mask[18:20, 0:2, 23:25] = 1  # a corner
+    mask[5, 15, 12] = 2  # a single voxel
+    starts = sample_patch_starts(mask, (6, 8, 7), 200, 1.0, seeded(2))
+    assert all(contains_label(mask, starts, (6, 8, 7)))
+
+
+def corner_blob() -> tuple[torch.Tensor, tuple[int, int, int], float]:
+    """A 2x2x2 blob at a corner of a 12^3 volume, patch 8^3, and the chance that a uniformly
+    placed patch (start uniform over 0..4 per axis) touches it: (2/5)^3."""
+    mask = torch.zeros(12, 12, 12, dtype=torch.uint8)
+    mask[:2, :2, :2] = 1
+    return mask, (8, 8, 8), (2 / 5) ** 3
+
+
+def test_corner_blob_is_oversampled_at_least_the_fraction():
+    mask, patch, _ = corner_blob()
+    generator, index = seeded(3), foreground_index(mask)
+    hits = []
+    for _ in range(500):  # batches of 4 at 0.3: one forced patch, a second in 20% of them
+        starts = sample_patch_starts(mask, patch, 4, 0.3, generator, foreground=index)
+        hits += contains_label(mask, starts, patch)
+    assert np.mean(hits) >= 0.3
+
+
+def test_fraction_zero_is_uniform_chance():
+    mask, patch, chance = corner_blob()
+    starts = sample_patch_starts(mask, patch, 4000, 0.0, seeded(4))
+    rate = np.mean(contains_label(mask, starts, patch))
+    assert abs(rate - chance) < 4 * math.sqrt(chance * (1 - chance) / 4000)
+
+
+def test_rare_class_is_drawn_as_often_as_a_common_one():
+    mask = torch.zeros(16, 40, 40, dtype=torch.uint8)
+    mask[:, 5:35, 5:35] = 1  # a big class
+    mask[8, 38, 38] = 2  # one voxel of a rare class, far from most of class 1
+    starts = sample_patch_starts(mask, (4, 6, 6), 1000, 1.0, seeded(5))
+    rate = np.mean(contains_label(mask, starts, (4, 6, 6), label=2))
+    assert 0.4 < rate < 0.6
+
+
+def test_patches_stay_inside_the_volume():
+    mask = torch.zeros(9, 17, 13, dtype=torch.uint8)
+    mask[0, 0, 0] = mask[8, 16, 12] = mask[0, 16, 0] = 1  # foreground on the edges
+    patch = (5, 6, 7)
+    starts = sample_patch_starts(mask, patch, 500, 0.5, seeded(6))
+    assert starts.shape == (500, 3) and starts.dtype == torch.int64
+    assert (starts >= 0).all()
+    assert (starts + torch.tensor(patch) <= torch.tensor(mask.shape)).all()
+    # a patch exactly the volume's size has one place
+    starts = sample_patch_starts(mask, tuple(mask.shape), 10, 0.5, seeded(6))
+    assert (starts == 0).all()
+
+
+def test_no_foreground_means_uniform_patches():
+    mask = torch.zeros(10, 10, 10, dtype=torch.uint8)
+    starts = sample_patch_starts(mask, (4, 4, 4), 50, 1.0, seeded(7))
+    assert starts.shape == (50, 3) and len({tuple(s) for s in starts.tolist()}) > 10
+
+
+def test_sampling_is_deterministic_given_the_seed():
+    mask, patch, _ = corner_blob()
+    a = sample_patch_starts(mask, patch, 20, 0.5, seeded(8))
+    b = sample_patch_starts(mask, patch, 20, 0.5, seeded(8))
+    c = sample_patch_starts(mask, patch, 20, 0.5, seeded(9))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampling_rejects_too_small_volume_and_bad_fraction():
+    with pytest.raises(ValueError, match="pad_to_patch"):
+        sample_patch_starts(torch.zeros(3, 8, 8), (4, 4, 4), 1, 0.5, seeded())
+    with pytest.raises(ValueError, match="foreground_fraction"):
+        sample_patch_starts(torch.zeros(4, 4, 4), (4, 4, 4), 1, 1.5, seeded())
+
+
+def test_crop_patches_matches_slicing():
+    image = torch.randn(2, 7, 8, 9)
+    mask = torch.randint(0, 4, (7, 8, 9), dtype=torch.uint8)
+    starts = torch.tensor([[0, 0, 0], [3, 4, 5], [1, 2, 3]])
+    images, masks = crop_patches(image, mask, starts, (4, 4, 4))
+    assert images.shape == (3, 2, 4, 4, 4) and masks.shape == (3, 4, 4, 4)
+    for i, (z, y, x) in enumerate(starts.tolist()):
+        assert torch.equal(images[i], image[:, z : z + 4, y : y + 4, x : x + 4])
+        assert torch.equal(masks[i], mask[z : z + 4, y : y + 4, x : x + 4])
+    with pytest.raises(ValueError, match="leaves the volume"):
+        crop_patches(image, mask, torch.tensor([[4, 0, 0]]), (4, 4, 4))
+
+
+def make_volumes() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Volumes of different sizes whose image equals the mask (so crops can be checked)."""
+    volumes = []
+    for shape in [(6, 10, 12), (9, 8, 8), (6, 8, 20)]:
+        mask = torch.zeros(shape, dtype=torch.uint8)
+        mask[-1, -1, -1] = 1
+        mask[0, 0, 0] = 2
+        volumes.append((mask[None].float(), mask))
+    return volumes
+
+
+def test_sample_batch_shapes_alignment_and_oversampling():
+    volumes = make_volumes()
+    index = [foreground_index(mask) for _, mask in volumes]
+    images, masks = sample_batch(volumes, 5, (6, 8, 8), 1.0, seeded(10), foreground=index)
+    assert images.shape == (5, 1, 6, 8, 8) and images.dtype == torch.float32
+    assert masks.shape == (5, 6, 8, 8) and masks.dtype == torch.uint8
+    assert torch.equal(images[:, 0], masks.float())  # image and mask cut at the same place
+    assert (masks > 0).flatten(1).any(1).all()  # fraction 1: all hold foreground
+
+
+def test_sample_batch_is_deterministic_and_index_optional():
+    volumes = make_volumes()
+    index = [foreground_index(mask) for _, mask in volumes]
+    a = sample_batch(volumes, 4, (6, 8, 8), 0.5, seeded(11), foreground=index)
+    b = sample_batch(volumes, 4, (6, 8, 8), 0.5, seeded(11))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_sample_batch_rejects_unpadded_volume():
+    volumes = make_volumes()
+    with pytest.raises(ValueError, match="pad_to_patch"):
+        for seed in range(20):  # until the small volume is drawn
+            sample_batch(volumes, 4, (8, 8, 8), 0.5, seeded(seed))
+
+
+# ---------------------------------------------------------------- Gaussian weights
+
+
+@pytest.mark.parametrize("patch", [(5, 7, 9), (4, 6, 8), (1, 3, 16)])
+def test_gaussian_weights_peak_symmetry_positivity(patch):
+    weights = gaussian_weights(patch)
+    assert weights.shape == patch and weights.dtype == torch.float32
+    assert weights.max() == 1.0 and (weights > 0).all()
+    centre = tuple(slice((p - 1) // 2, p // 2 + 1) for p in patch)
+    assert (weights[centre] == 1.0).all()
+    for axis in range(3):
+        assert torch.allclose(weights, weights.flip(axis))
+    # decreasing away from the centre along each axis
+    line = weights[:, patch[1] // 2, patch[2] // 2]
+    assert (line[: (patch[0] + 1) // 2].diff() >= 0).all()
+
+
+def test_gaussian_weights_match_nnunet_for_odd_sizes():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    patch = (5, 9, 11)
+    delta = np.zeros(patch)
+    delta[tuple(p // 2 for p in patch)] = 1
+    reference = ndimage.gaussian_filter(delta, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    reference /= reference.max()
+    assert np.allclose(gaussian_weights(patch).numpy(), reference, rtol=1e-5, atol=1e-7)
+
+
+def test_gaussian_weights_underflow_replaced_by_smallest_positive():
+    weights = gaussian_weights((3, 3, 64), sigma_scale=1 / 64)  # sigma 1 voxel along x
+    assert (weights > 0).all()
+    line = weights[1, 1]
+    assert line[0] == line[-1] == line.min()  # the underflowed tails take the smallest value
+    assert (line == line.min()).sum() > 2
+
+
+# ---------------------------------------------------------------- window placement
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize(
+    "size, patch",
+    [((7, 13, 11), (4, 5, 6)), ((16, 160, 160), (16, 160, 160)), ((64, 161, 97), (32, 128, 64))],
+)
+def test_window_starts_cover_everything(size, patch, overlap):
+    starts = window_starts(size, patch, overlap)
+    covered = torch.zeros(size, dtype=torch.int32)
+    for z, y, x in starts:
+        covered[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += 1
+    assert (covered > 0).all()
+    assert len(set(starts)) == len(starts)
+    for axis in range(3):
+        values = sorted({s[axis] for s in starts})
+        assert values[0] == 0 and values[-1] == size[axis] - patch[axis]
+        target = max(1.0, patch[axis] * (1 - overlap))
+        assert len(values) == math.ceil((size[axis] - patch[axis]) / target) + 1
+        steps = np.diff(values)
+        assert (steps >= 1).all() and (steps <= math.ceil(target)).all()
+
+
+def test_window_starts_nnunet_example():
+    # nnU-Net's comment: image 110, patch 64, step 0.5 -> starts 0, 23, 46
+    assert window_starts((110, 64, 64), (64, 64, 64), 0.5) == [(0, 0, 0), (23, 0, 0), (46, 0, 0)]
+
+
+@pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])
+def test_window_starts_rejects_bad_overlap(overlap):
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts((8, 8, 8), (4, 4, 4), overlap)
+
+
+def test_window_starts_rejects_volume_smaller_than_patch():
+    with pytest.raises(ValueError, match="pad_to_patch"):
+        window_starts((8, 3, 8), (4, 4, 4), 0.5)
+
+
+# ---------------------------------------------------------------- sliding window
+
+
+def voxelwise_logits(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...) -> (B, 3, ...): logits that depend on each voxel's own value only."""
+    return torch.cat([-x, x, 0.5 * x**2 - 1], dim=1)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5])
+@pytest.mark.parametrize(
+    "size, patch", [((7, 13, 11), (4, 5, 6)), ((5, 9, 17), (5, 4, 3)), ((6, 6, 6), (6, 6, 6))]
+)
+def test_sliding_window_equals_whole_volume(size, patch, overlap, batch_size):
+    image = torch.randn(1, *size, generator=seeded(12))
+    calls = []
+
+    def predict(batch):
+        calls.append(len(batch))
+        assert batch.shape[1:] == (1, *patch)
+        return voxelwise_logits(batch)
+
+    probabilities = sliding_window_probabilities(
+        predict, image, patch, overlap, num_classes=3, batch_size=batch_size
+    )
+    expected = voxelwise_logits(image[None])[0].softmax(0)
+    assert probabilities.shape == (3, *size) and probabilities.dtype == torch.float32
+    assert torch.allclose(probabilities, expected, atol=1e-5)
+    assert torch.allclose(probabilities.sum(0), torch.ones(size), atol=1e-5)
+    assert sum(calls) == len(window_starts(size, patch, overlap))
+    assert max(calls) <= batch_size
+
+
+def test_overlap_is_the_weighted_mean_of_windows():
+    # two windows along x, starts 0 and 2; each predicts one constant distribution
+    image = torch.arange(6.0).reshape(1, 1, 1, 6)
+    first, second = torch.tensor([0.9, 0.1]), torch.tensor([0.2, 0.8])
+
+    def predict(batch):
+        starts = batch[:, 0, 0, 0, 0]  # the window's first voxel value is its x start
+        chosen = torch.stack([first if s == 0 else second for s in starts])
+        return chosen.log()[:, :, None, None, None].expand(-1, -1, 1, 1, 4)
+
+    for weights in [None, torch.ones(1, 1, 4)]:
+        w = gaussian_weights((1, 1, 4))[0, 0] if weights is None else weights[0, 0]
+        probabilities = sliding_window_probabilities(
+            predict, image, (1, 1, 4), 0.5, num_classes=2, batch_size=2, weights=weights
+        )[:, 0, 0]
+        assert torch.allclose(probabilities[:, :2], first[:, None].expand(2, 2))
+        assert torch.allclose(probabilities[:, 4:], second[:, None].expand(2, 2))
+        for x in (2, 3):  # covered by both: first's voxel x, second's voxel x - 2
+            mixed = (w[x] * first + w[x - 2] * second) / (w[x] + w[x - 2])
+            assert torch.allclose(probabilities[:, x], mixed, atol=1e-6)
+
+
+def test_sliding_window_with_padding_round_trip():
+    image = torch.randn(1, 3, 10, 7, generator=seeded(13))
+    padded, _, region = pad_to_patch(image, None, (4, 8, 8), image_fill=0.0)
+    probabilities = sliding_window_probabilities(voxelwise_logits, padded, (4, 8, 8), 0.5, 3)
+    cropped = probabilities[(slice(None), *region)]
+    assert cropped.shape == (3, 3, 10, 7)
+    assert torch.allclose(cropped, voxelwise_logits(image[None])[0].softmax(0), atol=1e-5)
+
+
+def test_sliding_window_rejects_wrong_logits_shape():
+    image = torch.randn(1, 8, 8, 8)
+    with pytest.raises(ValueError, match="predict returned"):
+        sliding_window_probabilities(lambda b: b, image, (4, 4, 4), 0.5, num_classes=2)
+
+
 # ---------------------------------------------------------------- split, training, testing
 
 
@@ -815,6 +1209,16 @@ def test_end_to_end_run_writes_every_output(trained_run):
         "n_missed",
         "n_false",
     ]
+    # the instance step: files beside each mask, scored by the SPIDER rules
+    for case_id in test_ids:
+        assert (run / "predictions" / f"{case_id}_instances.mha").is_file()
+        table = pd.read_csv(run / "predictions" / f"{case_id}_instances.csv")
+        assert list(table.columns[:3]) == ["label", "structure", "level"]
+    instance_metrics = pd.read_csv(run / "test_instance_metrics.csv", dtype={"case_id": str})
+    assert sorted(instance_metrics["case_id"]) == test_ids
+    assert {"vertebrae_dice", "discs_detection", "canal_dice"} <= set(instance_metrics.columns)
+    instance_summary = pd.read_csv(run / "test_instance_summary.csv")
+    assert instance_summary["structure"].tolist() == ["vertebrae", "discs", "canal"]
     # the checkpoint carries the plan its data were made with
     plan = json.loads((trained_run / "pre" / "plan.json").read_text())
     assert plan["grid"] == [32, 16, 8] and plan["mode"] == "grid"
@@ -878,6 +1282,92 @@ def test_predict_script_segments_scans_in_their_geometry(trained_run, tiny_raw, 
         assert np.allclose(mask.GetOrigin(), scan.GetOrigin())
     assert not (out / "flat.mha").exists()
     assert pd.read_csv(out / "classes.csv")["class"].tolist()[0] == "background"
+
+
+def test_predict_script_instances_on_a_raw_scan(trained_run, tiny_raw, tmp_path):
+    import predict_script
+
+    scan_path = sorted((tiny_raw / "images").glob("*.mha"))[0]
+    checkpoint = trained_run / "run" / "checkpoints" / "best.pt"
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), str(scan_path), "--output-dir", str(out)]
+    assert predict_script.main(args + ["--instances"]) == 0
+    stem = scan_path.name.removesuffix(".mha")
+    instances = sitk.ReadImage(str(out / f"{stem}_instances.mha"))
+    classes = sitk.ReadImage(str(out / f"{stem}.mha"))
+    assert instances.GetSize() == classes.GetSize()
+    assert np.allclose(instances.GetDirection(), classes.GetDirection())
+    labels = set(np.unique(sitk.GetArrayViewFromImage(instances)).tolist()) - {0}
+    table = pd.read_csv(out / f"{stem}_instances.csv")
+    assert set(table["label"]) == labels
+    assert all(structure_of(v) or 100 <= v < 126 for v in labels)
+    # every instance voxel is a predicted foreground voxel
+    assert not np.any(
+        (sitk.GetArrayViewFromImage(instances) > 0) & (sitk.GetArrayViewFromImage(classes) == 0)
+    )
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
+    """One 2-D DICOM file per slice, with the tags the series reader rebuilds 3-D from."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (*direction[0:7:3], *direction[1:8:3]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in (
+            ("0008|0060", "MR"),
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+            ("0020|000e", series_uid),
+            ("0020|0013", str(k + 1)),
+            ("0020|0032", "\\".join(f"{v:.6f}" for v in position)),
+            ("0020|0037", orientation),
+            ("0018|0050", f"{image.GetSpacing()[2]:.6f}"),
+            ("0028|0030", f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}"),
+        ):
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_predict_script_reads_a_dicom_series_folder(trained_run, tiny_raw, tmp_path, capsys):
+    import predict_script
+
+    scan = sitk.ReadImage(str(sorted((tiny_raw / "images").glob("*.mha"))[0]))
+    scan = sitk.Cast(sitk.Clamp(scan, lowerBound=-1000, upperBound=4000), sitk.sitkInt16)
+    _write_dicom_series(scan, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.2")
+    read = predict_script.read_input(tmp_path / "series")
+    assert read.GetSize() == scan.GetSize()
+    assert np.allclose(read.GetSpacing(), scan.GetSpacing(), atol=1e-4)
+    assert np.allclose(read.GetOrigin(), scan.GetOrigin(), atol=1e-3)
+    assert np.allclose(read.GetDirection(), scan.GetDirection(), atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(read), sitk.GetArrayFromImage(scan))
+    sitk.WriteImage(scan, str(tmp_path / "same.mha"))
+    checkpoint = str(trained_run / "run" / "checkpoints" / "best.pt")
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / "series"), str(tmp_path / "same.mha")]
+    assert predict_script.main(["--checkpoint", checkpoint, *inputs, "--output-dir", str(out)]) == 0
+    from_dicom = sitk.ReadImage(str(out / "series.mha"))
+    assert np.allclose(from_dicom.GetOrigin(), scan.GetOrigin(), atol=1e-3)
+    assert np.array_equal(
+        sitk.GetArrayFromImage(from_dicom),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "same.mha"))),
+    )
+    # a folder with two series, and one with none, are errors that name the folder
+    _write_dicom_series(scan, tmp_path / "two", "1.2.826.0.1.3680043.2.1125.3")
+    _write_dicom_series(scan[:, :, :3], tmp_path / "two" / "b", "1.2.826.0.1.3680043.2.1125.4")
+    for path in (tmp_path / "two" / "b").iterdir():
+        path.rename(tmp_path / "two" / f"b_{path.name}")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    bad = [str(tmp_path / "two"), str(tmp_path / "empty")]
+    assert predict_script.main(["--checkpoint", checkpoint, *bad, "--output-dir", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert f"folder {tmp_path / 'two'} holds 2 DICOM series" in text
+    assert f"folder {tmp_path / 'empty'} holds no DICOM series" in text
 
 
 def test_checkpoint_rebuilds_the_model_alone(trained_run, tiny_raw):
@@ -1088,6 +1578,53 @@ def test_resume_refuses_changed_training_settings(trained_run, capsys):
     err = capsys.readouterr().err
     assert "[training] epochs (2 -> 4)" in err and "new run" in err
     assert load_checkpoint(trained_run / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
+    """Spacing mode: one target spacing (sizes follow), patch training, sliding-window testing
+    with flip TTA and small-component removal; a case smaller than a patch is padded."""
+    import predict_script
+    import preprocess_script
+    import trainandtest_script
+
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        preprocessing={"mode": "spacing", "target_spacing": "2, 2, 5"},
+        training={"epochs": 2, "patch_size": "32, 32, 16", "steps_per_epoch": 2},
+        testing={"figures": 0, "overlap": 0.5, "tta_flip": "true", "min_component_mm3": 20},
+    )
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    plan = json.loads((tmp_path / "pre" / "plan.json").read_text())
+    assert plan["mode"] == "spacing" and "grid" not in plan
+    assert plan["spacing_mm"] == [2.0, 2.0, 5.0] and plan["patch_size"] == [32, 32, 16]
+    sizes = {
+        sitk.ReadImage(str(path)).GetSize() for path in (tmp_path / "pre" / "images").glob("*.mha")
+    }
+    assert len(sizes) > 1  # every case keeps its own size
+    assert min(size[2] for size in sizes) < 16  # fewer slices than the patch: padded, not skipped
+    for path in (tmp_path / "pre" / "images").glob("*.mha"):
+        spacing = sitk.ReadImage(str(path)).GetSpacing()  # x = A-P, y = S-I, z = slices
+        assert np.allclose(spacing, (2, 2, 5), rtol=0.15), spacing
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    run = tmp_path / "run"
+    history = pd.read_csv(run / "metrics_epochs.csv")
+    assert history["val_dice_mean"].notna().all()
+    metrics = pd.read_csv(run / "test_metrics.csv", dtype={"case_id": str})
+    case_id = metrics["case_id"].iloc[0]
+    scan_path = tiny_raw / "images" / f"{case_id}.mha"
+    predicted = sitk.ReadImage(str(run / "predictions" / f"{case_id}.mha"))
+    assert predicted.GetSize() == sitk.ReadImage(str(scan_path)).GetSize()
+    out = tmp_path / "out"
+    checkpoint = str(run / "checkpoints" / "best.pt")
+    assert (
+        predict_script.main(["--checkpoint", checkpoint, str(scan_path), "--output-dir", str(out)])
+        == 0
+    )
+    assert np.array_equal(
+        sitk.GetArrayFromImage(predicted),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case_id}.mha"))),
+    )
 
 
 # ---------------------------------------------------------------- bad input (never lose data)

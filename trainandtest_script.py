@@ -6,7 +6,9 @@
 Reads preprocessed_dir/manifest.csv (run preprocess_script.py first) and writes the run folder
 [paths] output_dir: run_config.json, splits.csv, checkpoints/{best,last}.pt,
 metrics_epochs.csv, loss/accuracy/f1/dice.png, predictions/, test_metrics.csv,
-test_summary.csv, figures/. Rerunning the same command resumes an interrupted run.
+test_summary.csv, figures/ and, with [testing] instances, predictions/<case>_instances.mha/.csv
+and (references in SPIDER numbering) test_instance_metrics.csv, test_instance_summary.csv.
+Rerunning the same command resumes an interrupted run.
 Exit status: 0 done, 1 error, 130 interrupted.
 """
 
@@ -21,18 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from config import Config, ConfigError, driver_arguments, load_config
+from devices import Distributed, configure_threads, pick_device
 from plan import check_plan, make_plan, read_plan
 from store_plot_metrics import write_csv
 from test_unet import evaluate_checkpoint
-from train import (
-    Distributed,
-    NonFiniteLossError,
-    configure_threads,
-    fit,
-    load_checkpoint,
-    load_or_make_split,
-    pick_device,
-)
+from train import NonFiniteLossError, fit, load_checkpoint, load_or_make_split
 from vertebraeseg import atomic_write_text, discover_cases
 
 RUN_RECORD = "run_config.json"
@@ -154,6 +149,17 @@ def format_summary(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def format_instance_summary(summary: pd.DataFrame) -> str:
+    """The printed SPIDER-rules summary: instance Dice over detected instances, detection."""
+    lines = [f"{'structure':<24}{'cases':>6}{'Dice':>8}{'detection':>11}{'ASD mm':>9}"]
+    for row in summary.itertuples():
+        lines.append(
+            f"{row.structure:<24}{row.n_cases:>6}{row.dice_mean:>8.3f}"
+            f"{row.detection_mean:>11.3f}{row.asd_mm_mean:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
 def run(config: Config, progress: bool | None = None) -> int:
     """Split, train (possibly distributed), test on rank 0; print where everything is.
 
@@ -172,7 +178,7 @@ def run(config: Config, progress: bool | None = None) -> int:
         plan = read_plan(config.paths.preprocessed_dir)
         check_plan(
             plan,
-            make_plan(config.preprocessing, config.labels),
+            make_plan(config.preprocessing, config.labels, t.patch_size),
             config.paths.preprocessed_dir / "plan.json",
         )
         manifest = read_manifest(config.paths.preprocessed_dir)
@@ -223,20 +229,17 @@ def run(config: Config, progress: bool | None = None) -> int:
         return 0
     path = best if config.testing.checkpoint == "best" else best.with_name("last.pt")
     state = load_checkpoint(path)
-    _, summary = evaluate_checkpoint(
-        state,
-        cases,
-        run_dir,
-        pick_device(t.device),
-        config.testing.map_probabilities,
-        config.testing.figures,
-        progress,
+    _, summary, instance_summary = evaluate_checkpoint(
+        state, cases, run_dir, pick_device(t.device), config.testing, progress
     )
     print(
         f"test on {len(cases)} cases with {path.name}, each segmented from its raw scan "
         "(metrics in the scan's own geometry):"
     )
     print(format_summary(summary))
+    if instance_summary is not None:
+        print("SPIDER challenge metric (instances; test_instance_summary.csv):")
+        print(format_instance_summary(instance_summary))
     print(
         f"outputs: {run_dir}/test_summary.csv, test_metrics.csv, predictions/, figures/, "
         "metrics_epochs.csv, *.png, checkpoints/"

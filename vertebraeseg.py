@@ -22,7 +22,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from atomic import atomic_path
-from config import PreprocessingConfig
+from config import PreprocessingConfig, target_spacing
 
 CANONICAL = "PIR"
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
@@ -329,15 +329,30 @@ def resample_to_grid(
     )
 
 
+def spacing_grid(
+    region: sitk.Image, spacing_mm: tuple[float, float, float]
+) -> tuple[int, int, int]:
+    """The grid (height S-I, width A-P, slices) that samples a PIR region at about spacing_mm
+    (same order): its extent divided by the spacing, rounded, at least 1 voxel per axis. The
+    grid then covers the region exactly, so its spacing differs from the target by < half a
+    voxel over the extent."""
+    extent = np.array(region.GetSize()) * np.array(region.GetSpacing())  # x, y, z
+    target = np.array(spacing_mm)[[1, 0, 2]]  # (S-I, A-P, slices) -> x=A-P, y=S-I, z=slices
+    size = np.maximum(1, np.round(extent / target)).astype(int)
+    return int(size[1]), int(size[0]), int(size[2])
+
+
 def to_grid(
     image: sitk.Image,
     labels: sitk.Image | None,
     settings: PreprocessingConfig,
 ) -> GridCase:
-    """Reoriented (PIR) image [+ class-index mask] -> GridCase on settings.grid.
+    """Reoriented (PIR) image [+ class-index mask] -> GridCase.
 
-    image: float or integer scalar image in CANONICAL orientation; labels: uint8 class indices
-    with the same geometry, or None (then the box comes from the body alone).
+    mode grid: the crop stretched onto settings.grid; mode spacing: the crop sampled at
+    settings.target_spacing (resolved mm values, not auto; see spacing_mode.py), its size
+    following. image: float or integer scalar image in CANONICAL orientation; labels: uint8
+    class indices with the same geometry, or None (then the box comes from the body alone).
     """
     normalised = normalise(
         image, settings.normalisation, settings.clip_percentiles, settings.padding_value
@@ -353,11 +368,17 @@ def to_grid(
         sitk.sitkBSpline if settings.image_interpolation == "bspline" else sitk.sitkLinear
     )
     low = float(sitk.GetArrayViewFromImage(normalised).min())
-    grid_image = resample_to_grid(region, settings.grid, interpolator, default=low)
+    grid = settings.grid
+    if settings.mode == "spacing":
+        spacing = target_spacing(settings.target_spacing)
+        if spacing is None:
+            raise ValueError("target_spacing = auto must be resolved (spacing_mode.py) first")
+        grid = spacing_grid(region, spacing)
+    grid_image = resample_to_grid(region, grid, interpolator, default=low)
     grid_mask = None
     if labels is not None:
         mask_region = sitk.RegionOfInterest(labels, size, index)
-        grid_mask = resample_to_grid(mask_region, settings.grid, sitk.sitkNearestNeighbor)
+        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor)
     return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened)
 
 
