@@ -20,6 +20,7 @@ import torch
 
 from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
 from devices import bf16_supported
+from instances import instance_table, level_name, separate_instances
 from metrics import confusion_matrix, scores_from_confusion
 from patches import (
     crop_patches,
@@ -554,6 +555,215 @@ def test_dataset_cache_falls_back_to_disk_where_free_memory_is_unknown(monkeypat
     monkeypatch.setattr(os, "sysconf", no_such_name)
     assert choose_cache(1000, torch.device("cpu"), True) is None
     assert "free memory unknown" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- instance step
+
+
+VERTEBRA, DISC, CANAL = 1, 2, 3  # class indices, as in configuration.txt's [labels]
+
+
+def _semantic(instances: sitk.Image) -> sitk.Image:
+    """SPIDER instance mask -> uint8 class-index mask, same geometry."""
+    raw = sitk.GetArrayFromImage(instances)
+    classes = np.zeros(raw.shape, np.uint8)
+    classes[((raw >= 1) & (raw <= 25)) | ((raw >= 101) & (raw <= 125))] = VERTEBRA
+    classes[(raw >= 201) & (raw <= 225)] = DISC
+    classes[raw == 100] = CANAL
+    image = sitk.GetImageFromArray(classes)
+    image.CopyInformation(instances)
+    return image
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and a.GetSpacing() == b.GetSpacing()
+        and a.GetOrigin() == b.GetOrigin()
+        and a.GetDirection() == b.GetDirection()
+    )
+
+
+@pytest.mark.parametrize(
+    "seed, small, orientation",
+    [
+        (0, True, "PIR"),  # 9 vertebrae, all whole
+        (0, True, "LPS"),
+        (2, True, "LPS"),  # a partially visible topmost vertebra (109)
+        (11, True, "PIR"),  # a partial vertebra (105) in two disconnected pieces
+        (11, True, "LPS"),
+        (5, False, "LPS"),  # full-size spacing (0.87 mm in plane)
+    ],
+)
+def test_instances_recovered_from_the_reference_semantic_mask(tmp_path, seed, small, orientation):
+    images, mask = synth_patient(np.random.default_rng(seed), small=small)
+    _, mask_path = write_case(tmp_path, "1", "t2", images["t2"], mask, orientation)
+    reference = sitk.ReadImage(str(mask_path))
+    classes = _semantic(reference)
+    assert (
+        sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(classes.GetDirection())
+        == orientation
+    )
+
+    result = separate_instances(classes, VERTEBRA, DISC, CANAL, min_instance_mm3=0.0)
+
+    assert _same_geometry(result, classes)
+    assert result.GetPixelID() == sitk.sitkUInt16
+    expected = sitk.GetArrayFromImage(reference).astype(int)
+    found = sitk.GetArrayFromImage(result).astype(int)
+    assert set(np.unique(found)) == set(np.unique(expected))  # the same numbers, 1xx included
+    for label in np.unique(expected[expected > 0]):
+        assert dice(found == label, expected == label) >= 0.95, label
+    # nothing outside the three classes, and every class voxel is kept (no minimum volume)
+    assert np.array_equal(found > 0, expected > 0)
+
+
+@pytest.mark.parametrize("seed, orientation", [(2, "PIR"), (3, "LPS")])
+def test_touching_vertebrae_are_split_level_by_level(seed, orientation):
+    """Vertebrae grown by one voxel in plane (2.5 mm) fuse into a single connected mass, as a
+    coarse prediction might; every vertebra is still recovered (Dice on its own voxels)."""
+    _, mask = synth_patient(np.random.default_rng(seed), small=True)  # PIR
+    classes = _semantic(mask)
+    vertebrae = sitk.BinaryDilate(classes == VERTEBRA, (1, 1, 0), sitk.sitkBox)
+    grown = sitk.GetArrayFromImage(classes)
+    grown[(sitk.GetArrayFromImage(vertebrae) > 0) & (grown == 0)] = VERTEBRA
+    fused = sitk.GetImageFromArray(grown)
+    fused.CopyInformation(classes)
+    assert sitk.GetArrayFromImage(sitk.ConnectedComponent(fused == VERTEBRA, True)).max() == 1
+
+    result = separate_instances(sitk.DICOMOrient(fused, orientation), VERTEBRA, DISC, CANAL, 0)
+    found = sitk.GetArrayFromImage(sitk.DICOMOrient(result, "PIR")).astype(int)
+    expected = sitk.GetArrayFromImage(mask).astype(int)
+    reference_bone = (expected % 100 >= 1) & (expected < 200) & (expected != 100)
+    for label in np.unique(expected[reference_bone]):
+        assert dice(found[reference_bone] == label, expected[reference_bone] == label) >= 0.95
+
+
+def _toy_spine() -> sitk.Image:
+    """A hand-built PIR class mask (spacing 1 x 1 x 3 mm): numpy (slices, rows, columns).
+
+    Two whole bodies (rows 20-45 and 55-80) touching through a thin posterior bridge around
+    the disc between them, a cut body on the top border (rows 0-10) above a second disc, a
+    canal behind them, and one detached 'spinous process' level with each whole body.
+    """
+    array = np.zeros((8, 100, 80), np.uint8)
+    body = np.s_[1:7, :, 10:41]
+    array[body[0], 0:11, body[2]] = VERTEBRA  # cut by the top of the field of view
+    array[1:7, 13:18, 12:38] = DISC
+    array[body[0], 20:46, body[2]] = VERTEBRA
+    array[1:7, 47:54, 12:37] = DISC
+    array[1:7, 46:55, 38:41] = VERTEBRA  # the bridge
+    array[body[0], 55:81, body[2]] = VERTEBRA
+    array[2:6, :, 45:56] = CANAL
+    array[3:5, 30:41, 60:71] = VERTEBRA  # spinous process of the upper whole body
+    array[3:5, 62:73, 60:71] = VERTEBRA  # ... of the lower one
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 3.0))
+    image.SetOrigin((12.5, -80.0, 40.0))
+    image.SetDirection((0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))  # PIR
+    return image
+
+
+@pytest.mark.parametrize("orientation", ["PIR", "LPS", "RAI"])
+def test_touching_bodies_and_detached_posterior_elements(orientation):
+    classes = sitk.DICOMOrient(_toy_spine(), orientation)
+    result = separate_instances(classes, VERTEBRA, DISC, CANAL, min_instance_mm3=0.0)
+    assert _same_geometry(result, classes)
+    labels = sitk.GetArrayFromImage(sitk.DICOMOrient(result, "PIR"))
+    assert labels[3, 70, 25] == 1 and labels[3, 30, 25] == 2  # lowest whole body is L5
+    assert labels[3, 5, 25] == 103  # small, on the top border: partially visible
+    assert labels[3, 50, 39] in (1, 2)  # the bridge goes to one of the two bodies
+    assert labels[3, 35, 65] == 2 and labels[3, 67, 65] == 1  # spinous processes follow
+    assert labels[3, 50, 20] == 202 and labels[3, 15, 20] == 203  # disc below vertebra k
+    assert labels[3, 50, 50] == 100
+    assert set(np.unique(labels)) == {0, 1, 2, 103, 100, 202, 203}
+
+
+def test_fragments_below_the_minimum_volume_are_dropped():
+    classes = _toy_spine()
+    array = sitk.GetArrayFromImage(classes)
+    array[6, 90:92, 70:72] = VERTEBRA  # 4 voxels = 12 mm^3
+    array[0, 95:97, 20:22] = DISC  # 12 mm^3
+    array[0, 5:7, 60:62] = CANAL  # 12 mm^3
+    noisy = sitk.GetImageFromArray(array)
+    noisy.CopyInformation(classes)
+    kept = sitk.GetArrayFromImage(separate_instances(noisy, VERTEBRA, DISC, CANAL, 0.0))
+    assert kept[6, 90, 70] > 0 and kept[0, 95, 20] > 200 and kept[0, 5, 60] == 100
+    clean = sitk.GetArrayFromImage(separate_instances(classes, VERTEBRA, DISC, CANAL, 20.0))
+    dropped = sitk.GetArrayFromImage(separate_instances(noisy, VERTEBRA, DISC, CANAL, 20.0))
+    assert np.array_equal(dropped, clean)  # the fragments are 0, nothing else changes
+    assert dropped[6, 90, 70] == 0 and dropped[0, 95, 20] == 0 and dropped[0, 5, 60] == 0
+    # without a canal class nothing becomes 100; an empty mask gives an empty result
+    no_canal = sitk.GetArrayFromImage(separate_instances(classes, VERTEBRA, DISC, None, 20.0))
+    assert 100 not in no_canal and np.array_equal(no_canal[clean != 100], clean[clean != 100])
+    empty = sitk.Image(classes.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(classes)
+    assert not sitk.GetArrayFromImage(separate_instances(empty, 1, 2, 3, 0.0)).any()
+
+
+def test_discs_without_vertebrae_are_numbered_from_the_lowest():
+    array = np.zeros((4, 60, 30), np.uint8)  # PIR: rows run superior -> inferior
+    for top in (5, 25, 45):
+        array[1:3, top : top + 5, 5:25] = DISC
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection((0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    labels = sitk.GetArrayFromImage(separate_instances(image, VERTEBRA, DISC, CANAL, 0.0))
+    assert labels[1, 47, 10] == 201 and labels[1, 27, 10] == 202 and labels[1, 7, 10] == 203
+
+
+def test_instance_table_on_a_hand_built_mask():
+    array = np.zeros((4, 6, 8), np.uint16)  # (z, y, x), identity direction: LPS
+    array[0:3, 1:3, 2:6] = 1  # 24 voxels
+    array[3, 0:6, 0:2] = 106  # 12 voxels, a single slice
+    array[1, 4:6, 6:8] = 201  # 4 voxels
+    array[2, 5, 7] = 100
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.8, 3.0))
+    image.SetOrigin((10.0, 20.0, 30.0))
+    table = instance_table(image).set_index("label")
+
+    assert list(table.index) == [1, 100, 106, 201]
+    assert list(table["structure"]) == ["vertebra", "canal", "partial vertebra", "disc"]
+    assert list(table["level"]) == ["L5", "", "T12", "L5/S1"]
+    voxel = 0.5 * 0.8 * 3.0
+    assert table["volume_mm3"].to_numpy() == pytest.approx(
+        [24 * voxel, voxel, 12 * voxel, 4 * voxel]
+    )
+    assert table.loc[1, ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].tolist() == (
+        pytest.approx([10 + 0.5 * 3.5, 20 + 0.8 * 1.5, 30 + 3.0 * 1])
+    )
+    # S-I extent: voxel rows along z, each 3 mm thick
+    assert table["si_extent_mm"].to_numpy() == pytest.approx([9.0, 3.0, 3.0, 3.0])
+
+    # physical quantities do not depend on how the mask is stored
+    for orientation in ("PIR", "RAI"):
+        other = instance_table(sitk.DICOMOrient(image, orientation)).set_index("label")
+        numbers = ["volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm", "si_extent_mm"]
+        assert np.allclose(other[numbers].to_numpy(float), table[numbers].to_numpy(float))
+
+    # in a PIR scan the rows run along S-I: a 5-row instance at 0.7 mm is 3.5 mm tall
+    pir = sitk.GetImageFromArray(np.pad(np.ones((2, 5, 3), np.uint8), 1))
+    pir.SetSpacing((0.4, 0.7, 4.0))
+    pir.SetDirection((0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+    assert instance_table(pir)["si_extent_mm"].tolist() == pytest.approx([3.5])
+    assert instance_table(sitk.Image(3, 3, 3, sitk.sitkUInt8)).empty
+
+
+def test_level_names():
+    assert [level_name(k) for k in (1, 2, 5, 6, 17, 18, 24)] == [
+        "L5",
+        "L4",
+        "L1",
+        "T12",
+        "T1",
+        "C7",
+        "C1",
+    ]
+    assert level_name(103) == "L3" and level_name(100) == ""
+    assert [level_name(k) for k in (201, 202, 205, 206)] == ["L5/S1", "L4/L5", "L1/L2", "T12/L1"]
+    for bad in (0, 26, 99, 126, 200, 226):
+        with pytest.raises(ValueError, match=str(bad)):
+            level_name(bad)
 
 
 # ---------------------------------------------------------------- SPIDER instance metric
