@@ -407,6 +407,7 @@ def preprocessing_throughput(run: Run, work: Path, config_path: Path) -> dict[st
 
 
 SPACING_STEPS = 4  # timed training steps of the spacing-mode row, after one warm-up step
+SLAB_GRID, SLAB_SPACING = (640, 512, 24), (0.469, 0.469, 0.9)  # a real T2 SPACE slab, PIR
 
 
 def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict[str, object]:
@@ -416,8 +417,9 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     the network) and [preprocessing] target_spacing (auto: 1 mm). Training: patches.PatchVolumes
     over 8 synthetic volumes of 1.5 patches per axis, foreground-oversampled batches through
     train.run_epoch with augmentation. Inference: test_unet.segment_scan (read excluded) of a
-    512 x 512 x 15 synthetic scan (crop, resample to the target spacing, sliding window with
-    [testing] overlap and tta_flip, probabilities back onto the scan; no instance step).
+    synthetic scan of a real slab's size and spacing, 512 x 640 x 24 at 0.47 x 0.47 x 0.9 mm
+    (crop, resample to the target spacing, sliding window with [testing] overlap and tta_flip,
+    probabilities back onto the scan; no instance step).
     """
     import SimpleITK as sitk
 
@@ -466,7 +468,8 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     steps(SPACING_STEPS)
     patches_per_s = SPACING_STEPS * training.batch_size / (time.perf_counter() - start)
     scan_images, _ = synth_patient(np.random.default_rng(3))
-    scan = resample_to_grid(scan_images["t2"], SCAN_GRID, sitk.sitkLinear)
+    scan = resample_to_grid(scan_images["t2"], SLAB_GRID, sitk.sitkLinear)
+    scan.SetSpacing(SLAB_SPACING)  # the real slabs' size and spacing (anatomy stretched)
     plan = {
         **make_plan(replace(config.preprocessing, mode="spacing"), config.labels),
         "spacing_mm": list(spacing),

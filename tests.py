@@ -1390,7 +1390,8 @@ def test_end_to_end_run_writes_every_output(trained_run):
     split = pd.read_csv(run / "splits.csv", dtype=str)
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()
     test_ids = sorted(split.loc[split["split"] == "test", "case_id"])
-    assert sorted(p.stem for p in (run / "predictions").glob("*.mha")) == test_ids
+    masks = [p.stem for p in (run / "predictions").glob("*.mha") if "_instances" not in p.stem]
+    assert sorted(masks) == test_ids
     metrics = pd.read_csv(run / "test_metrics.csv")
     assert list(metrics.columns) == [
         "case_id",
@@ -1460,16 +1461,23 @@ def test_external_labelled_folder_replaces_the_test_split(tmp_path, tiny_raw):
     assert prediction.GetSize() == sitk.ReadImage(str(external / "images" / "2_t2.mha")).GetSize()
 
 
-def test_predictions_carry_the_scan_geometry(trained_run, tiny_raw):
+def test_instances_lie_on_the_predicted_classes(trained_run):
+    """Each instance label sits on voxels of its own predicted class (vertebrae 1-25/101-125 on
+    class 1, discs on 2, the canal on 3): the instance step relabels, it never invents."""
     run = trained_run / "run"
-    for prediction_path in (run / "predictions").glob("*.mha"):
-        prediction = sitk.ReadImage(str(prediction_path))
-        scan = sitk.ReadImage(str(tiny_raw / "images" / prediction_path.name))
-        assert prediction.GetSize() == scan.GetSize()
-        assert np.allclose(prediction.GetSpacing(), scan.GetSpacing())
-        assert np.allclose(prediction.GetOrigin(), scan.GetOrigin())
-        assert np.allclose(prediction.GetDirection(), scan.GetDirection())
-        assert set(np.unique(sitk.GetArrayViewFromImage(prediction)).tolist()) <= {0, 1, 2, 3}
+    for instance_path in (run / "predictions").glob("*_instances.mha"):
+        instances = sitk.GetArrayFromImage(sitk.ReadImage(str(instance_path)))
+        classes = sitk.GetArrayFromImage(
+            sitk.ReadImage(str(instance_path).replace("_instances.mha", ".mha"))
+        )
+        assert set(np.unique(classes).tolist()) <= {0, 1, 2, 3}
+        expected = np.zeros_like(classes)
+        expected[(instances >= 1) & (instances <= 25)] = 1
+        expected[(instances >= 101) & (instances <= 125)] = 1
+        expected[instances >= 201] = 2
+        expected[instances == 100] = 3
+        labelled = instances > 0
+        assert np.array_equal(expected[labelled], classes[labelled])
 
 
 def test_predict_script_segments_scans_in_their_geometry(trained_run, tiny_raw, tmp_path):
