@@ -1342,6 +1342,23 @@ def test_sliding_window_rejects_wrong_logits_shape():
         sliding_window_probabilities(lambda b: b, image, (4, 4, 4), 0.5, num_classes=2)
 
 
+def test_disc_reference_from_components_numbers_from_the_bottom():
+    from slab_disc_instances import disc_reference
+
+    mask = np.zeros((6, 40, 20), np.uint8)  # PIR: (slices, rows superior->inferior, A-P)
+    mask[2:4, 5:8, 5:12] = 29  # upper disc
+    mask[2:4, 25:28, 5:12] = 29  # lower disc
+    mask[0, 0, 0] = 29  # one voxel of label noise
+    mask[2:4, 12:20, 5:12] = 76  # a vertebra between them
+    image = sitk.GetImageFromArray(mask)
+    image.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    reference = sitk.GetArrayFromImage(disc_reference(image, (29,), min_mm3=10))
+    assert set(np.unique(reference).tolist()) == {0, 201, 202}
+    assert (reference[2:4, 25:28, 5:12] == 201).all() and (reference[2:4, 5:8, 5:12] == 202).all()
+    assert reference[0, 0, 0] == 0
+
+
 # ---------------------------------------------------------------- split, training, testing
 
 
