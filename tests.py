@@ -1736,7 +1736,14 @@ def test_bf16_and_fp32_predictions_agree(trained_run):
     assert (fp32.argmax(0) == auto.argmax(0)).mean() > 0.98
 
 
-def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw, monkeypatch):
+SPACING_MODE = {
+    "preprocessing": {"mode": "spacing", "target_spacing": "2, 2, 5"},
+    "training": {"patch_size": "32, 32, 16", "steps_per_epoch": 2},
+}
+
+
+@pytest.mark.parametrize("mode", ["grid", "spacing"])
+def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw, monkeypatch, mode):
     import preprocess_script
     import trainandtest_script
 
@@ -1748,11 +1755,13 @@ def test_resume_continues_exactly_from_the_last_epoch(tmp_path, tiny_raw, monkey
 
     monkeypatch.setattr(torch, "load", spy)
 
+    extra = SPACING_MODE if mode == "spacing" else {"training": {}}
     cfg = write_config(
         tmp_path,
         tiny_raw,
+        preprocessing=extra.get("preprocessing", {}),
         testing={"figures": 0},
-        training={"scheduler": "none", "warmup_epochs": 0},
+        training={"scheduler": "none", "warmup_epochs": 0, **extra["training"]},
     )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     assert trainandtest_script.main(["--config", str(cfg)]) == 0
