@@ -2246,3 +2246,61 @@ def test_real_spider_slabs_map_labels_and_round_trip(tmp_path):
         result = sitk.GetArrayFromImage(back)
         for c in (1, 2, 3):
             assert dice(result == c, reference == c) >= 0.95, (files.case_id, c)
+
+
+def _finished_run(folder: Path, mode: str, split_seed: int, dice: float, seconds: list[float]):
+    """A run folder with the three files compare_runs reads (values chosen by the test)."""
+    folder.mkdir(parents=True)
+    record = {
+        "paths": {"output_dir": str(folder)},
+        "preprocessing": {"mode": mode},
+        "training": {"split_seed": split_seed, "seed": split_seed, "threads": split_seed, "lr": 1},
+        "testing": {"overlap": 0.5},
+    }
+    (folder / "run_config.json").write_text(json.dumps(record))
+    epochs = pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds})
+    epochs.to_csv(folder / "metrics_epochs.csv", index=False)
+    summary = pd.DataFrame(
+        {
+            "class": ["vertebrae", "spinal_canal"],
+            "dice_mean": [dice, dice - 0.1],
+            "hd95_mm_mean": [2.0 * split_seed, 4.0],
+            "assd_mm_mean": [1.0, float("nan")],
+        }
+    )
+    summary.to_csv(folder / "test_summary.csv", index=False)
+
+
+def test_compare_runs_means_runs_that_differ_only_in_seeds(tmp_path):
+    from compare_runs import compare, main
+
+    _finished_run(tmp_path / "g0", "grid", 0, 0.90, [60.0, 60.0])
+    _finished_run(tmp_path / "s0", "spacing", 0, 0.80, [120.0])
+    _finished_run(tmp_path / "g1", "grid", 1, 0.94, [30.0, 30.0, 30.0])
+    table = compare([tmp_path / "g0", tmp_path / "s0", tmp_path / "g1"])
+    assert list(table["run"]) == [
+        str(tmp_path / "g0"),
+        str(tmp_path / "g1"),
+        "mean",
+        str(tmp_path / "s0"),
+    ]
+    assert list(table["setting"]) == [1, 1, 1, 2]
+    mean = table[table["run"] == "mean"].iloc[0]
+    assert mean["mode"] == "grid" and mean["split_seed"] == "0+1"
+    assert mean["Dice vertebrae"] == pytest.approx(0.92)
+    assert mean["Dice spinal_canal"] == pytest.approx(0.82)
+    assert mean["HD95 vertebrae"] == pytest.approx(1.0)
+    assert mean["train_min"] == pytest.approx(1.75)  # 2 min and 1.5 min
+    assert np.isnan(mean["ASSD spinal_canal"])
+    assert table.iloc[3]["train_min"] == pytest.approx(2.0)
+    # Another [training] value is another setting; an unfinished run is an error naming it.
+    record = json.loads((tmp_path / "g1" / "run_config.json").read_text())
+    record["training"]["lr"] = 2
+    (tmp_path / "g1" / "run_config.json").write_text(json.dumps(record))
+    assert list(compare([tmp_path / "g0", tmp_path / "g1"])["setting"]) == [1, 2]
+    (tmp_path / "g1" / "test_summary.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="g1: not a finished run"):
+        compare([tmp_path / "g1"])
+    assert main([str(tmp_path / "g1")]) == 1
+    assert main([str(tmp_path / "g0"), "--csv", str(tmp_path / "t.csv")]) == 0
+    assert pd.read_csv(tmp_path / "t.csv")["Dice vertebrae"].tolist() == [0.9]
