@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -2227,25 +2228,32 @@ def test_real_spider_slabs_map_labels_and_round_trip(tmp_path):
 
     A fine grid (384 x 192 x 32, about 0.8 mm) isolates the geometry from the grid's own
     resolution limit (at 192 x 96 x 16 the same round trip gives about 0.96 / 0.93 / 0.96).
+    The spacing mode's shipped setting (1.5 x 1.5 x 0.9 mm) must not cap Dice below issue 12's
+    targets, 0.95 / 0.90 / 0.94 (measured: about 0.97 / 0.93 / 0.96).
     """
     cfg = load_config(ROOT / "configuration_spider_slabs.txt")
     lookup = cfg.labels.lookup()
-    settings = PreprocessingConfig(grid=(384, 192, 32), workers=1)
+    fine = (PreprocessingConfig(grid=(384, 192, 32), workers=1), (0.95, 0.95, 0.95))
+    shipped_spacing = replace(cfg.preprocessing, mode="spacing")
     cases, problems = discover_cases(SLABS, cfg.data.sequences)
     assert len(cases) == 20 and not problems
-    for files in cases[:2]:
-        scan, image, labels = load_case(files, lookup)
-        grid = to_grid(image, labels, settings)
-        assert set(np.unique(sitk.GetArrayViewFromImage(grid.mask)).tolist()) == {0, 1, 2, 3}
-        grid_labels = sitk.GetArrayFromImage(grid.mask)
-        one_hot = np.stack([(grid_labels == c).astype(np.float32) for c in range(4)])
-        back = grid_to_scan(one_hot, grid.image, scan)
-        assert back.GetSize() == scan.GetSize()
-        assert np.allclose(back.GetDirection(), scan.GetDirection())
-        reference = map_labels(sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path))), lookup)
-        result = sitk.GetArrayFromImage(back)
-        for c in (1, 2, 3):
-            assert dice(result == c, reference == c) >= 0.95, (files.case_id, c)
+    for settings, floors in (fine, (shipped_spacing, (0.95, 0.90, 0.94))):
+        for files in cases[:2]:
+            scan, image, labels = load_case(files, lookup)
+            grid = to_grid(image, labels, settings)
+            assert set(np.unique(sitk.GetArrayViewFromImage(grid.mask)).tolist()) == {0, 1, 2, 3}
+            grid_labels = sitk.GetArrayFromImage(grid.mask)
+            one_hot = np.stack([(grid_labels == c).astype(np.float32) for c in range(4)])
+            back = grid_to_scan(one_hot, grid.image, scan)
+            assert back.GetSize() == scan.GetSize()
+            assert np.allclose(back.GetDirection(), scan.GetDirection())
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(files.mask_path)))
+            reference = map_labels(mask, lookup)
+            result = sitk.GetArrayFromImage(back)
+            for c, floor in zip((1, 2, 3), floors, strict=True):
+                assert dice(result == c, reference == c) >= floor, (files.case_id, c, settings.mode)
+            if settings.mode == "spacing":  # x A-P, y S-I, z slices
+                assert np.allclose(grid.image.GetSpacing(), (1.5, 1.5, 0.9), atol=0.05)
 
 
 def _finished_run(folder: Path, mode: str, split_seed: int, dice: float, seconds: list[float]):
