@@ -29,17 +29,12 @@ MEASURES = (("dice_mean", "Dice"), ("hd95_mm_mean", "HD95"), ("assd_mm_mean", "A
 
 def setting_of(run_config: dict) -> str:
     """The part of a run_config.json that decides the result, seeds left out, as one string."""
-    kept = {
-        section: values
-        for section, values in run_config.items()
-        if section not in ("paths", "testing")
-    }
+    kept = {section: values for section, values in run_config.items() if section != "paths"}
     kept["training"] = {
         key: value
         for key, value in kept.get("training", {}).items()
         if key not in SEED_KEYS and key not in RESUME_MAY_CHANGE
     }
-    kept["testing"] = run_config.get("testing", {})
     return json.dumps(kept, sort_keys=True)
 
 
