@@ -2,10 +2,17 @@
 
 Runs after a semantic prediction has been mapped back onto the scan (or on any class-index
 mask): one class index for all vertebrae, one for all intervertebral discs, one for the spinal
-canal. The output follows SPIDER's numbering: vertebrae 1-25 counted upward from the lowest one
-present (1 = L5; the sacrum is unlabelled), 101-125 a partially visible topmost vertebra
+canal. The output follows SPIDER's numbering: vertebrae 1-25 counted upward from L5 = 1 (the
+sacrum is unlabelled), 101-125 a partially visible topmost vertebra
 (100 + its number), 100 the spinal canal, discs 201-225 where 200 + k lies directly below
 vertebra k (201 = L5/S1).
+
+    python instances.py MASK [MASK ...] --output-dir DIR [--config FILE] [--min-instance-mm3 V]
+
+runs the step on saved class-index masks (0 background, then the classes of FILE's [labels] in
+order: by default 1 vertebrae, 2 discs, 3 canal) and writes DIR/<mask>_instances.mha and
+DIR/<mask>_instances.csv, as `predict_script.py --instances` does; a scan whose level names are
+uncertain gets its level note in the printed line. A bad mask is reported and skipped (exit 1).
 
 Geometry. The input may have any orientation. The work is done on the mask reoriented to PIR
 (``sitk.DICOMOrient``): numpy (z, y, x) = (sagittal slices, rows superior -> inferior, columns
@@ -59,30 +66,65 @@ The algorithm, and why:
       NEW_LEVEL_FRACTION x the level height (median disc-to-disc distance; without discs the
       shortest seed-to-seed one) from every body's mid-plane is a vertebra of its own (a body
       too thin to be a seed, e.g. cut by the field of view).
-   f. Numbering: vertebrae 1..n from the lowest seed upward (those beyond 25 are dropped).
-      The topmost vertebra becomes 100 + n when it touches the superior border of the field
-      of view (row 0 of the PIR scan) and has less than PARTIAL_VOLUME_RATIO x the volume of
-      the vertebra below it. On the synthetic demo set this reproduces the generator's rule
-      ("less than 70 % of the body height visible") in 116 of 120 small cases; the misses
-      are cut vertebrae with 80 % or more of the volume of the one below.
-4. Disc numbering: 200 + k with k = 1 + the number of vertebra seeds below the disc's centroid,
-   i.e. the number of the vertebra directly above it (a disc above the topmost vertebra gets
-   n + 1). Disc pieces between the same two vertebrae share one label. Without vertebrae the
-   discs are numbered 201, 202, ... from the lowest. Numbers beyond 225 are dropped.
+   e'. The sacrum (applied between d and e). SPIDER leaves the sacrum unlabelled and no
+      vertebral body lies below the L5/S1 disc, yet a model may call a piece of the sacrum
+      vertebra. A seeded vertebra whose
+      seed lies in the discs' column below the lowest disc is dropped (set to 0) when its
+      body (its S-I extent within the column, posterior elements excluded) is shorter than
+      BODY_HEIGHT_FRACTION x the median body height above it; unseeded pieces in the column
+      below the lowest disc are dropped too. On the 20 real slabs with a lowest disc removed,
+      the real L5 measures 1.07-1.38 x the median; a 25 mm block of "sacrum" 0.73-0.89 x. A
+      full-height body there stays: an L5 whose L5/S1 disc was missed. L5's posterior
+      elements lie behind the column and stay L5's, even below the disc's level.
+   f. Levels (number_levels): the discs are the reliable landmarks (detected 99 % of the
+      time on real slabs), so vertebra seeds and discs are numbered together, upward from the
+      lowest structure: it is the L5/S1 disc, or L5 if it is a vertebra. Going up,
+      vertebrae and discs alternate one half-level H apart (H: the median distance between
+      neighbours of different kinds); each next structure takes the level its distance from
+      the previous one says, so that a missed disc or vertebra skips a number instead of
+      shifting every name above it, and pieces of one disc (or a body split in two) share
+      their level. Each irregularity is written into the instance image's metadata
+      (LEVEL_NOTE_KEY, see level_note) and so into the table's level_note column: a
+      missing structure ("not found between L4 and L3: L3/L4 disc"), no disc below the
+      lowest vertebra, no discs or no vertebrae at all, and a lowest structure that touches
+      the lower edge of the field of view (the sacrum may be out of view: L5 unconfirmed).
+      Numbers beyond 25 are dropped. The topmost vertebra becomes 100 + n when it touches the
+      superior border of the field of view (row 0 of the PIR scan) and has less than
+      PARTIAL_VOLUME_RATIO x the volume of the vertebra below it. On the synthetic demo set
+      this reproduces the generator's rule ("less than 70 % of the body height visible") in
+      116 of 120 small cases; the misses are cut vertebrae with 80 % or more of the volume of
+      the one below.
+4. Disc numbering: 200 + k for the disc directly below vertebra k (201 = L5/S1), from step f.
 5. Canal: every canal voxel (fragments removed) -> 100.
 
-Limitations: the lowest vertebra is always called L5 (a sacrum predicted as vertebra, or a
-missed L5, shifts every level); stray vertebra blobs away from the spine are attached to the
-vertebra they are level with unless smaller than min_instance_mm3; the thresholds were set on
-the synthetic demo set and checked by eye on the 20 real SPIDER slabs (which carry no instance
-labels), not measured against real instance masks.
+Limitations:
+- A lumbosacral transitional vertebra (a sacralised L5, or a lumbarised S1 with a disc below
+  it) breaks the premise that the lowest labelled disc is L5/S1: the names are then off by
+  one, as they would be for a reader who counts from the sacrum. Only a scan that shows the
+  whole spine (counting down from C2) can tell; these lumbar scans cannot.
+- A field of view that ends above the sacrum: the lowest vertebra is still called L5, and the
+  note says so whenever the lowest structure touches the lower edge of the scan.
+- A piece of sacrum as tall as a vertebral body (>= BODY_HEIGHT_FRACTION x the median) is
+  taken for an L5 whose L5/S1 disc was missed: it is named L5 and the note says that no disc
+  lies below it.
+- Stray vertebra blobs away from the spine are attached to the vertebra they are level with
+  unless smaller than min_instance_mm3; the thresholds were set on the synthetic demo set and
+  the 20 real SPIDER slabs (whose discs, as connected components, are the only real instance
+  reference here).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+
+from config import ConfigError, driver_arguments, load_config
+from store_plot_metrics import write_csv
+from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
 
 CANONICAL = "PIR"
 CANAL_LABEL = 100
@@ -98,6 +140,8 @@ NEW_LEVEL_FRACTION = 0.6  # an unseeded piece this far (x level height) from eve
 NEW_LEVEL_VOLUME = 0.3  # and at least this large (x median vertebra) becomes a vertebra
 LEVEL_RIDGE = 0.1  # x R: extra height of the watershed landscape halfway between two levels
 WORK_SPACING_MM = 1.0  # vertebrae are split on in-plane blocks of about this size (speed)
+BODY_HEIGHT_FRACTION = 0.9  # x median body height: a shorter one below the lowest disc is sacrum
+LEVEL_NOTE_KEY = "level_note"  # metadata key of the instance image: why its names are uncertain
 
 # Vertebra names counted upward from L5 (k = 1): L5-L1, T12-T1, C7-C1.
 _VERTEBRA_NAMES = (
@@ -105,6 +149,23 @@ _VERTEBRA_NAMES = (
     + [f"T{i}" for i in range(12, 0, -1)]
     + [f"C{i}" for i in range(7, 0, -1)]
 )
+
+
+INSTANCE_CLASSES = ("vertebrae", "intervertebral_discs", "spinal_canal")  # [labels] names
+
+
+def instance_classes(class_names: tuple[str, ...]) -> tuple[int, int, int | None]:
+    """Class indices of vertebrae, intervertebral_discs and (optional) spinal_canal in
+    class_names (index 0 is the background), which the instance step needs; ValueError
+    naming the classes there are otherwise."""
+    names = list(class_names)
+    if INSTANCE_CLASSES[0] not in names or INSTANCE_CLASSES[1] not in names:
+        raise ValueError(
+            "the instance step needs classes named vertebrae and intervertebral_discs "
+            f"([labels]); this model has {', '.join(names[1:])}"
+        )
+    canal = names.index(INSTANCE_CLASSES[2]) if INSTANCE_CLASSES[2] in names else None
+    return names.index(INSTANCE_CLASSES[0]), names.index(INSTANCE_CLASSES[1]), canal
 
 
 def _vertebra_name(k: int) -> str:
@@ -171,6 +232,23 @@ def _shapes(image: sitk.Image) -> tuple[dict[int, np.ndarray], dict[int, float]]
     return centres, depths
 
 
+def _column_offset(point: np.ndarray, discs: dict[int, np.ndarray]) -> float:
+    """How far (mm) point (frame mm) lies in front of or behind the line through the disc
+    centroids, at its height (the line is held at the end discs' AP beyond them)."""
+    column = np.array(sorted(discs.values(), key=lambda c: c[1]))  # top to bottom
+    return abs(float(point[0]) - float(np.interp(point[1], column[:, 1], column[:, 0])))
+
+
+def _below_the_discs(point: np.ndarray, discs: dict[int, np.ndarray], disc_depth_mm: float) -> bool:
+    """Whether point (frame mm) lies below the lowest disc's centroid and in the column of
+    the discs (COLUMN_TOLERANCE x disc depth): where the sacrum lies, if the lowest disc is
+    L5/S1. False without discs."""
+    if not discs:
+        return False
+    lowest = max(c[1] for c in discs.values())
+    return point[1] > lowest and _column_offset(point, discs) <= COLUMN_TOLERANCE * disc_depth_mm
+
+
 def _seeds(
     mask_image: sitk.Image,
     distance: sitk.Image,
@@ -201,16 +279,13 @@ def _seeds(
 
     kept = sorted(strong)
     if discs:
-        disc_centres = np.array(sorted(discs.values(), key=lambda c: c[1]))  # top to bottom
-
-        def column_offset(i: int) -> float:  # mm in front of / behind the disc column
-            ap = np.interp(centre[i][1], disc_centres[:, 1], disc_centres[:, 0])
-            return abs(centre[i][0] - float(ap))
+        disc_rows = np.sort([c[1] for c in discs.values()])  # top to bottom
 
         def level(i: int) -> int:  # the number of disc centroids above the candidate
-            return int(np.searchsorted(disc_centres[:, 1], centre[i][1]))
+            return int(np.searchsorted(disc_rows, centre[i][1]))
 
-        in_column = {i for i in ids if column_offset(i) <= COLUMN_TOLERANCE * disc_depth_mm}
+        tolerance = COLUMN_TOLERANCE * disc_depth_mm
+        in_column = {i for i in ids if _column_offset(centre[i], discs) <= tolerance}
         kept = [i for i in kept if i in in_column]
         taken = {level(i) for i in kept}
         for i in sorted(in_column - strong, key=lambda i: -peak[i]):
@@ -302,20 +377,25 @@ def _assign_pieces(
     labels: np.ndarray,
     seed_centres: dict[int, np.ndarray],
     discs: dict[int, np.ndarray],
+    disc_depth_mm: float,
 ) -> np.ndarray:
-    """Owner (vertebra label) per piece id (step 3e); may add new levels to seed_centres.
+    """Owner (vertebra label, 0 for sacrum) per piece id (step 3e); may add new levels to
+    seed_centres.
 
     piece_ids: (z, y, x) ids of the unseeded connected pieces (0 elsewhere), on the frame
-    grid of image; labels: the seeded vertebrae (1..n) on the same grid.
+    grid of image; labels: the seeded vertebrae (1..n) on the same grid. A piece in the
+    column below the lowest disc is sacrum (owner 0) unless a kept body lies there too.
     """
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(_frame_image(piece_ids, image.GetSpacing(), image.GetOrigin()))
-    pieces = sorted(stats.GetLabels(), key=lambda i: -stats.GetNumberOfPixels(i))
-    centre = {i: np.array(stats.GetCentroid(i)) for i in pieces}
+    centre = {i: np.array(stats.GetCentroid(i)) for i in stats.GetLabels()}
+    owner = np.zeros(int(piece_ids.max()) + 1, np.uint32)
+    if not any(_below_the_discs(c, discs, disc_depth_mm) for c in seed_centres.values()):
+        centre = {i: c for i, c in centre.items() if not _below_the_discs(c, discs, disc_depth_mm)}
+    pieces = sorted(centre, key=lambda i: -stats.GetNumberOfPixels(i))
     volumes = np.bincount(labels.ravel())[1:]
     typical_volume = float(np.median(volumes[volumes > 0]))
     level_height = _level_height(seed_centres, discs)
-    owner = np.zeros(int(piece_ids.max()) + 1, np.uint32)
     for i in pieces:  # a large piece at a level of its own is a vertebra of its own
         offsets = _level_offsets(centre[i], seed_centres, discs)
         if (
@@ -358,10 +438,67 @@ def _unpool(coarse: np.ndarray, factors: tuple[int, int, int], shape: tuple) -> 
     return fine[: shape[0], : shape[1], : shape[2]]
 
 
+def _body_heights(
+    labels: np.ndarray,
+    spacing: tuple,
+    origin: tuple,
+    discs: dict[int, np.ndarray],
+    disc_depth_mm: float,
+) -> dict[int, float]:
+    """Per label > 0 of labels (z, y, x, frame grid): the S-I extent (mm, rows) of its voxels
+    in the column of the discs (COLUMN_TOLERANCE x disc depth), i.e. of its body without the
+    posterior elements; 0 for a label with no voxel there."""
+    _, rows, cols = np.nonzero(labels)
+    values = labels[labels > 0]
+    row_mm = origin[1] + rows * spacing[1]
+    column = np.array(sorted(discs.values(), key=lambda c: c[1]))
+    ap = np.interp(row_mm, column[:, 1], column[:, 0])
+    in_column = np.abs(origin[0] + cols * spacing[0] - ap) <= COLUMN_TOLERANCE * disc_depth_mm
+    heights = {}
+    for label in np.unique(values).tolist():
+        own = row_mm[in_column & (values == label)]
+        heights[label] = float(own.max() - own.min() + spacing[1]) if own.size else 0.0
+    return heights
+
+
+def _drop_sacrum(
+    labels: np.ndarray,
+    spacing: tuple,
+    origin: tuple,
+    seed_centres: dict[int, np.ndarray],
+    discs: dict[int, np.ndarray],
+    disc_depth_mm: float,
+    cut_below: bool,
+) -> None:
+    """Step 3e': no vertebral body lies below the L5/S1 disc in SPIDER's labelling. A seeded
+    vertebra whose seed lies in the column below the lowest disc is sacrum when its body is
+    shorter than BODY_HEIGHT_FRACTION x the median body height (S-I extent in the column,
+    _body_heights) of the vertebrae above it: its voxels become 0 and its seed is removed
+    (labels (z, y, x, frame grid) and seed_centres are changed in place). A body of full
+    height stays (an L5 whose L5/S1 disc was missed). So does one on the bottom row when
+    cut_below (the field of view ends there: a cut body, not sacrum)."""
+    below = [i for i, c in seed_centres.items() if _below_the_discs(c, discs, disc_depth_mm)]
+    above = [i for i in seed_centres if i not in below]
+    if not below or not above:
+        return
+    heights = _body_heights(labels, spacing, origin, discs, disc_depth_mm)
+    typical = float(np.median([heights.get(i, 0.0) for i in above]))
+    on_edge = set(np.unique(labels[:, -1, :]).tolist()) if cut_below else set()
+    for i in below:
+        if heights.get(i, 0.0) < BODY_HEIGHT_FRACTION * typical and i not in on_edge:
+            labels[labels == i] = 0
+            del seed_centres[i]
+
+
 def _vertebra_instances(
-    vertebrae: np.ndarray, spacing: tuple, discs: dict[int, np.ndarray], disc_depth_mm: float
+    vertebrae: np.ndarray,
+    spacing: tuple,
+    discs: dict[int, np.ndarray],
+    disc_depth_mm: float,
+    cut_below: bool,
 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Split a (fragment-free) boolean vertebra mask (z, y, x) into vertebrae (step 3a-e).
+    cut_below: the mask's last row is the scan's last row (the field of view ends there).
 
     The split is computed with in-plane voxels of about WORK_SPACING_MM (blocks of the scan's
     voxels, set where any voxel is) and taken back to every vertebra voxel of the scan.
@@ -392,11 +529,12 @@ def _vertebra_instances(
     landscape_image = _frame_image(landscape.astype(np.float32), work_spacing, origin)
     labels = _watershed(landscape_image, markers).astype(np.uint32)
     labels[~seeded] = 0
+    _drop_sacrum(labels, work_spacing, origin, seed_centres, discs, disc_depth_mm, cut_below)
     # e: each remaining piece, whole, goes to the vertebra whose body it is level with
     pieces = coarse & ~seeded
-    if pieces.any():
+    if pieces.any() and seed_centres:
         piece_ids = np.where(pieces, components, 0).astype(np.uint32)
-        owner = _assign_pieces(piece_ids, mask_image, labels, seed_centres, discs)
+        owner = _assign_pieces(piece_ids, mask_image, labels, seed_centres, discs, disc_depth_mm)
         labels[pieces] = owner[piece_ids[pieces]]
     fine = _unpool(labels, factors, vertebrae.shape)
     return np.where(vertebrae, fine, np.uint32(0)), seed_centres
@@ -444,12 +582,13 @@ def separate_instances(
 
     wanted = [c for c in (vertebra_class, disc_class, canal_class) if c is not None]
     foreground = np.isin(array, wanted)
+    notes: list[str] = []
     if foreground.any():
         # work inside the bounding box of the three classes (plus one voxel where possible)
         box = tuple(
             slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(foreground)
         )
-        result[box] = _instances_in_box(
+        result[box], notes = _instances_in_box(
             array[box],
             spacing,
             vertebra_class,
@@ -457,6 +596,7 @@ def separate_instances(
             canal_class,
             min_instance_mm3,
             touches_top=box[1].start == 0,
+            touches_bottom=box[1].stop >= array.shape[1],
         )
 
     out = sitk.GetImageFromArray(result)
@@ -465,6 +605,8 @@ def separate_instances(
     if out.GetSize() != classes.GetSize():  # DICOMOrient permutes axes; cannot differ
         raise RuntimeError(f"reorientation changed the size {classes.GetSize()}")
     out.CopyInformation(classes)  # exact geometry, free of round-off from the round trip
+    if notes:  # (an empty metadata value is not written to a file)
+        out.SetMetaData(LEVEL_NOTE_KEY, "; ".join(notes))
     return out
 
 
@@ -476,8 +618,10 @@ def _instances_in_box(
     canal_class: int | None,
     min_mm3: float,
     touches_top: bool,
-) -> np.ndarray:
-    """The instance step on a (z, y, x) PIR array; touches_top: row 0 is the scan's top row."""
+    touches_bottom: bool,
+) -> tuple[np.ndarray, list[str]]:
+    """The instance step on a (z, y, x) PIR array; touches_top / touches_bottom: row 0 / the
+    last row is the scan's top / bottom row. Returns (SPIDER labels, level notes)."""
     voxel_mm3 = float(np.prod(spacing))
     result = np.zeros(array.shape, np.uint16)
 
@@ -486,35 +630,144 @@ def _instances_in_box(
     disc_depth = float(np.median(list(disc_depths.values()))) if disc_depths else 0.0
 
     vertebrae = _components(array == vertebra_class, spacing, min_mm3) > 0
-    labels, seed_centres = _vertebra_instances(vertebrae, spacing, disc_centres, disc_depth)
-    # drop instances below the minimum volume, then number them from the lowest seed upward
+    labels, seed_centres = _vertebra_instances(
+        vertebrae, spacing, disc_centres, disc_depth, touches_bottom
+    )
     counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
-    alive = [i for i in seed_centres if counts[i] * voxel_mm3 >= min_mm3 and counts[i] > 0]
-    order = sorted(alive, key=lambda i: -seed_centres[i][1])  # lowest (largest row) first
-    order = order[:MAX_LEVEL]  # SPIDER numbers 25 vertebrae at most
+    alive = {
+        i: c for i, c in seed_centres.items() if counts[i] > 0 and counts[i] * voxel_mm3 >= min_mm3
+    }
+    vertebra_numbers, disc_numbers, notes = number_levels(
+        {i: -c[1] for i, c in alive.items()}, {i: -c[1] for i, c in disc_centres.items()}
+    )
+    lowest = _lowest_structure(labels, disc_components, alive, disc_centres)
+    if touches_bottom and lowest is not None and lowest[:, -1, :].any():
+        notes.insert(
+            0,
+            "the lowest structure touches the lower edge of the field of view: the sacrum "
+            "may be out of view, so the lowest vertebra is called L5 unconfirmed",
+        )
+
     lookup = np.zeros(int(labels.max()) + 1, np.uint16)
-    for number, i in enumerate(order, start=1):
-        lookup[i] = number
-    if len(order) >= 2 and touches_top:
-        top, below = order[-1], order[-2]
-        on_border = bool((labels[:, 0, :] == top).any())
-        if on_border and counts[top] < PARTIAL_VOLUME_RATIO * counts[below]:
-            lookup[top] += PARTIAL_OFFSET
+    for i, number in vertebra_numbers.items():
+        lookup[i] = number if number <= MAX_LEVEL else 0
+    top = max(vertebra_numbers, key=vertebra_numbers.get, default=None)
+    if touches_top and top is not None and vertebra_numbers[top] <= MAX_LEVEL:
+        same_top = [i for i, n in vertebra_numbers.items() if n == vertebra_numbers[top]]
+        below = [i for i, n in vertebra_numbers.items() if n == vertebra_numbers[top] - 1]
+        on_border = bool(np.isin(labels[:, 0, :], same_top).any())
+        top_volume = sum(counts[i] for i in same_top)
+        if (
+            below
+            and on_border
+            and top_volume < PARTIAL_VOLUME_RATIO * sum(counts[i] for i in below)
+        ):
+            lookup[same_top] += PARTIAL_OFFSET
     result[:] = lookup[labels]
 
-    # discs: 200 + 1 + number of vertebra seeds below the disc's centroid
-    seed_rows = np.array([seed_centres[i][1] for i in order])
     disc_lookup = np.zeros(int(disc_components.max()) + 1, np.uint16)
-    by_height = sorted(disc_centres, key=lambda i: -disc_centres[i][1])
-    for rank, i in enumerate(by_height, start=1):
-        k = 1 + int(np.sum(seed_rows > disc_centres[i][1])) if len(order) else rank
+    for i, k in disc_numbers.items():
         disc_lookup[i] = DISC_OFFSET + k if k <= MAX_LEVEL else 0
     discs = disc_lookup[disc_components]
     result[discs > 0] = discs[discs > 0]
 
     if canal_class is not None:
         result[_components(array == canal_class, spacing, min_mm3) > 0] = CANAL_LABEL
-    return result
+    return result, notes
+
+
+def _lowest_structure(
+    labels: np.ndarray,
+    disc_components: np.ndarray,
+    vertebrae: dict[int, np.ndarray],
+    discs: dict[int, np.ndarray],
+) -> np.ndarray | None:
+    """Boolean (z, y, x) mask of the lowest numbered vertebra or disc (the largest centroid
+    row), or None when there is none."""
+    candidates = [(c[1], labels, i) for i, c in vertebrae.items()]
+    candidates += [(c[1], disc_components, i) for i, c in discs.items()]
+    if not candidates:
+        return None
+    _, array, i = max(candidates, key=lambda item: item[0])
+    return array == i
+
+
+def _half_level(heights: list[float], kinds: list[str]) -> float:
+    """Typical distance (mm) from a vertebra to the next disc: the median distance between
+    neighbours of different kinds (heights sorted), else half the median distance between
+    neighbours of one kind; inf for a single structure."""
+    steps = np.diff(heights)
+    mixed = [d for d, a, b in zip(steps, kinds, kinds[1:], strict=False) if a != b]
+    if mixed:
+        return float(np.median(mixed))
+    return float(np.median(steps)) / 2 if len(steps) else np.inf
+
+
+def number_levels(
+    vertebrae: dict[int, float], discs: dict[int, float]
+) -> tuple[dict[int, int], dict[int, int], list[str]]:
+    """Level numbers of vertebrae and discs from their heights along the spine.
+
+    vertebrae / discs: id -> height (mm, larger = more superior) of a vertebral body's centre
+    / a disc's centroid. Returns (vertebra numbers: 1 = L5 upward; disc numbers: k = the disc
+    directly below vertebra k, 1 = L5/S1; notes: why a name may be wrong, [] when the
+    sequence is complete).
+
+    The rule: going up from the lowest structure, vertebrae and discs alternate, one
+    half-level (H, the median distance between neighbours of different kinds) apart. The
+    lowest structure is the L5/S1 disc, or L5 if it is a vertebra (the sacrum below L5/S1 is
+    unlabelled in SPIDER; bodies below the lowest disc were removed before). Each next
+    structure takes the level the distance from the previous one says: a neighbour of the
+    other kind ~1 H up is the next half-level; one of the same kind less than 1 H up is a
+    piece of the same level (a disc in two pieces, a body split in two), farther up a level
+    (or more) is missing between them, which is noted. Numbering from the bottom keeps a
+    false fragment or a missed structure high in the column from renaming the levels below.
+    """
+    items = sorted(
+        [(h, "vertebra", i) for i, h in vertebrae.items()]
+        + [(h, "disc", i) for i, h in discs.items()]
+    )
+    if not items:
+        return {}, {}, []
+    heights, kinds = [h for h, _, _ in items], [k for _, k, _ in items]
+    half = _half_level(heights, kinds)
+    notes = []
+    if not vertebrae:
+        notes.append("no vertebra found: discs counted upward from the lowest as L5/S1")
+    elif not discs:
+        notes.append("no disc found: vertebrae counted upward from the lowest as L5")
+    elif kinds[0] == "vertebra":
+        notes.append("no disc below the lowest vertebra: it is called L5 (L5/S1 disc not found)")
+    position = 1 if kinds[0] == "disc" else 2  # half-levels: 2k = vertebra k, 2k - 1 = disc k
+    positions = [position]
+    for step, previous, kind in zip(np.diff(heights), kinds, kinds[1:], strict=False):
+        s = step / half
+        if kind != previous:  # an odd number of half-levels: 1, 3, ...
+            move = 2 * max(0, int(np.floor((s - 1) / 2 + 0.5))) + 1
+        else:  # an even number: 0 (a piece of the same level), 2, ...
+            move = 2 * int(np.floor(s / 2 + 0.5)) if s >= 1 else 0
+        if move > 1 and vertebrae and discs:
+            missing = [_half_level_name(q) for q in range(position + 1, position + move)]
+            notes.append(
+                f"not found between {_half_level_name(position)} and "
+                f"{_half_level_name(position + move)}: {', '.join(missing)}"
+            )
+        position += move
+        positions.append(position)
+    vertebra_numbers = {
+        i: q // 2 for q, (_, k, i) in zip(positions, items, strict=True) if k == "vertebra"
+    }
+    disc_numbers = {
+        i: (q + 1) // 2 for q, (_, k, i) in zip(positions, items, strict=True) if k == "disc"
+    }
+    return vertebra_numbers, disc_numbers, notes
+
+
+def _half_level_name(position: int) -> str:
+    """Half-level 2k -> vertebra k's name, 2k - 1 -> the name of disc k (below vertebra k)."""
+    if position % 2 == 0:
+        return level_name(min(position // 2, MAX_LEVEL))
+    return level_name(DISC_OFFSET + min((position + 1) // 2, MAX_LEVEL)) + " disc"
 
 
 def instance_table(instances: sitk.Image) -> pd.DataFrame:
@@ -525,6 +778,9 @@ def instance_table(instances: sitk.Image) -> pd.DataFrame:
     (physical LPS coordinates as ITK uses them: x towards the patient's Left, y Posterior,
     z Superior), si_extent_mm (extent of the instance's voxels along the physical S-I axis z,
     voxel size included: (max - min of the voxel-centre z) + the voxel's own extent along z).
+    level_note (the same on every row: why the scan's level names may be wrong, '' when the
+    sequence is complete; from the image's LEVEL_NOTE_KEY metadata, which separate_instances
+    sets and an .mha file keeps).
     Rows sorted by label. Raises ValueError for a value that is not a SPIDER label.
     """
     columns = [
@@ -536,6 +792,7 @@ def instance_table(instances: sitk.Image) -> pd.DataFrame:
         "centroid_y_mm",
         "centroid_z_mm",
         "si_extent_mm",
+        "level_note",
     ]
     labels = sitk.Cast(instances, sitk.sitkUInt16)
     shape = sitk.LabelShapeStatisticsImageFilter()
@@ -575,6 +832,85 @@ def instance_table(instances: sitk.Image) -> pd.DataFrame:
                 "si_extent_mm": z_stats.GetMaximum(label)
                 - z_stats.GetMinimum(label)
                 + voxel_extent,
+                "level_note": level_note(instances),
             }
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def discs_only(instances: sitk.Image) -> sitk.Image:
+    """The discs (labels > 200) of a SPIDER-numbered mask, everything else 0; same geometry,
+    uint16."""
+    array = sitk.GetArrayFromImage(instances)
+    discs = sitk.GetImageFromArray(np.where(array > DISC_OFFSET, array, 0).astype(np.uint16))
+    discs.CopyInformation(instances)
+    return discs
+
+
+def level_note(instances: sitk.Image) -> str:
+    """The level note that separate_instances stored with an instance mask ('' if none)."""
+    return instances.GetMetaData(LEVEL_NOTE_KEY) if instances.HasMetaDataKey(LEVEL_NOTE_KEY) else ""
+
+
+def write_instances(instances: sitk.Image, folder: Path, name: str) -> list[Path]:
+    """folder/<name>_instances.mha (the note in its header) and folder/<name>_instances.csv
+    (instance_table), written atomically. Returns both paths."""
+    paths = [folder / f"{name}_instances.mha", folder / f"{name}_instances.csv"]
+    atomic_write_image(instances, paths[0])
+    write_csv(instance_table(instances), paths[1])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python instances.py MASK [MASK ...] --output-dir DIR [--config FILE]"""
+    parser = driver_arguments(
+        "Run the instance step on class-index masks (0 background, then the classes of the "
+        "configuration's [labels] in order; by default 1 vertebrae, 2 discs, 3 canal)"
+    )
+    parser.add_argument("masks", type=Path, nargs="+", metavar="MASK")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for the results")
+    parser.add_argument(
+        "--min-instance-mm3",
+        type=float,
+        help="drop pieces smaller than this (default: the configuration's [testing] value)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        vertebra, disc, canal = instance_classes(config.labels.class_names)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    min_mm3 = (
+        config.testing.min_instance_mm3 if args.min_instance_mm3 is None else args.min_instance_mm3
+    )
+    failed = 0
+    for path in args.masks:
+        try:
+            classes = read_scan(path, "mask")
+            names = config.labels.class_names
+            found = set(np.unique(sitk.GetArrayViewFromImage(classes)).tolist())
+            if not found <= set(range(len(names))):
+                raise CaseError(
+                    f"mask {path.name} holds values {sorted(found)}; class-index masks hold "
+                    f"0-{len(names) - 1} ({', '.join(names)})"
+                )
+            instances = separate_instances(classes, vertebra, disc, canal, min_mm3)
+        except (CaseError, ValueError) as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        written = write_instances(instances, args.output_dir, output_stem(path))
+        note = level_note(instances)
+        print(f"{path} -> {', '.join(map(str, written))}" + (f" (levels: {note})" if note else ""))
+    return 1 if failed else 0
+
+
+def output_stem(path: Path) -> str:
+    """'mask.nii.gz' -> 'mask'."""
+    parts = split_suffix(path.name)
+    return parts[0] if parts else path.stem
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,8 @@ Writes DIR/<input name>.mha: uint8 class indices (0 background, then the [labels
 order, listed in DIR/classes.csv) with exactly the scan's size, spacing, origin and direction.
 With --instances also DIR/<input name>_instances.mha (one label per vertebra and disc in SPIDER
 numbering: 1 = L5 upward, 201 = L5/S1 upward, 100 canal) and DIR/<input name>_instances.csv
-(label, structure, level, volume in mm^3, centroid in LPS mm, S-I extent in mm).
+(label, structure, level, volume in mm^3, centroid in LPS mm, S-I extent in mm, level_note:
+why the level names may be wrong, which the scan's printed line repeats).
 The scan is preprocessed by the plan stored in the checkpoint (never the current configuration
 file), through the same function the test loop uses. A bad input is reported with its reason
 and skipped; the exit status is 0 when every input was segmented, else 1.
@@ -28,6 +29,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from devices import configure_threads, pick_device
+from instances import level_note
 from store_plot_metrics import write_csv
 from test_unet import Predictor, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         written = segmentation.write(args.output_dir, output_name(path))
-        tqdm.write(f"{path} -> {', '.join(str(p) for p in written)}")
+        note = level_note(segmentation.instances) if segmentation.instances is not None else ""
+        levels = f" (levels: {note})" if note else ""
+        tqdm.write(f"{path} -> {', '.join(str(p) for p in written)}{levels}")
     return 1 if failed else 0
 
 

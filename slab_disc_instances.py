@@ -1,14 +1,26 @@
-"""Disc instance Dice on references without instance numbering (e.g. the real SPIDER slabs).
+"""Disc instances and their level names on references without instance numbering (e.g. the
+real SPIDER slabs).
 
     python slab_disc_instances.py --config configuration_spider_slabs.txt [--run-dir RUN]
+        [--predictions DIR]
 
 The real slabs' masks are semantic (one value for every disc), so they carry no instance
-reference. Discs are physically separate, though: each connected component (full connectivity)
-of the reference's disc class, numbered 201, 202, ... from the bottom, serves as the reference
-instance. The predicted discs are the labels > 200 of predictions/<case>_instances.mha written
-by the test loop with [testing] instances = true. Both go through spider_metrics.spider_scores
-(the SPIDER challenge's rules: matching by largest overlap, Dice < 0.1 counts as missed).
-Prints one row per test case and the mean; writes RUN/test_disc_instances_from_components.csv.
+reference. Discs are physically separate, though: each connected component (full
+connectivity) of the reference's disc class, numbered 201, 202, ... upward from the most
+inferior, is the reference instance (spider_metrics.disc_components_reference); the lowest is
+L5/S1 wherever the field of view holds the sacrum, as in the slabs. The predicted discs are the
+labels > 200 of DIR/<case>_instances.mha: by default RUN/predictions, written by the test loop
+with [testing] instances = true; or any folder that `python instances.py` wrote from saved
+class-index predictions. Every case of the manifest with such a file is scored.
+
+Per case, by the SPIDER challenge's rules (spider_metrics.spider_scores: matching by largest
+overlap, Dice < 0.1 counts as missed): disc Dice, detection, level agreement (the share of
+detected reference discs whose matched predicted disc has the same name), the predicted and
+reference disc counts, and where the extra (unmatched predicted) and missed discs lie: at the
+scan's top or bottom edge (touching its first or last row along S-I) or inside the column.
+Writes RUN/test_disc_instances_from_components.csv (or DIR/disc_instances_from_components.csv
+with --predictions) and prints the table and the means: Dice, detection, level agreement
+(pooled over discs), cases with every name right, cases with the exact disc count.
 Reference components smaller than [testing] min_instance_mm3 are left out (label noise).
 """
 
@@ -22,40 +34,46 @@ import pandas as pd
 import SimpleITK as sitk
 
 from config import ConfigError, driver_arguments, load_config
-from spider_metrics import spider_scores
+from instances import CANONICAL, discs_only, level_note
+from spider_metrics import disc_components_reference, spider_instances, spider_scores
 from store_plot_metrics import write_csv
 from trainandtest_script import read_manifest
 
 
-def disc_reference(mask: sitk.Image, disc_values: tuple[int, ...], min_mm3: float) -> sitk.Image:
-    """Connected components of the disc values, numbered 201.. from the most inferior (PIR row
-    order of their centroids), in the mask's geometry (uint16)."""
-    in_discs = np.isin(sitk.GetArrayFromImage(mask), disc_values).astype(np.uint8)
-    discs = sitk.GetImageFromArray(in_discs)
-    discs.CopyInformation(mask)
-    components = sitk.RelabelComponent(
-        sitk.ConnectedComponent(discs, True),
-        minimumObjectSize=int(np.ceil(min_mm3 / np.prod(mask.GetSpacing()))),
-    )
-    shapes = sitk.LabelShapeStatisticsImageFilter()
-    shapes.Execute(components)
-    inferior = sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation("PIR")[1::3]
-    height = {
-        label: float(np.dot(shapes.GetCentroid(label), inferior)) for label in shapes.GetLabels()
+def edge_labels(instances: sitk.Image) -> set[int]:
+    """Labels > 0 with a voxel on the first or last row along S-I (rows of the PIR-reoriented
+    mask): structures the field of view cuts at its top or bottom."""
+    array = sitk.GetArrayViewFromImage(sitk.DICOMOrient(instances, CANONICAL))
+    return {int(v) for v in np.unique(np.concatenate([array[:, 0], array[:, -1]]))} - {0}
+
+
+def score_discs(reference: sitk.Image, predicted: sitk.Image) -> dict[str, object]:
+    """Disc scores of one case: reference from disc_components_reference, predicted any
+    SPIDER-numbered instance mask of the same geometry (labels <= 200 are ignored)."""
+    discs = discs_only(predicted)
+    scores = {k: v for k, v in spider_scores(reference, discs).items() if k.startswith("discs")}
+    matches = spider_instances(reference, discs)
+    predicted_labels = set(np.unique(sitk.GetArrayViewFromImage(discs)).tolist()) - {0}
+    extra = predicted_labels - set(matches.loc[matches["detected"], "matched_label"].tolist())
+    missed = set(matches.loc[~matches["detected"], "label"].tolist())
+    edges = edge_labels(discs), edge_labels(reference)
+    return {
+        **scores,
+        "discs_predicted": len(predicted_labels),
+        "extra_at_edge": len(extra & edges[0]),
+        "extra_inside": len(extra - edges[0]),
+        "missed_at_edge": len(missed & edges[1]),
+        "missed_inside": len(missed - edges[1]),
+        "level_note": level_note(predicted),
     }
-    order = sorted(height, key=height.get, reverse=True)  # most inferior first
-    array = sitk.GetArrayFromImage(components)
-    numbered = np.zeros(array.shape, np.uint16)
-    for rank, label in enumerate(order):
-        numbered[array == label] = 201 + rank
-    result = sitk.GetImageFromArray(numbered)
-    result.CopyInformation(mask)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = driver_arguments(__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="default: [paths] output_dir")
+    parser.add_argument(
+        "--predictions", type=Path, help="folder of <case>_instances.mha (default RUN/predictions)"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -63,28 +81,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     run_dir = args.run_dir or config.paths.output_dir
+    folder = args.predictions or run_dir / "predictions"
     disc_values = dict(config.labels.classes)["intervertebral_discs"]
-    split = pd.read_csv(run_dir / "splits.csv", dtype=str)
     manifest = read_manifest(config.paths.preprocessed_dir)
-    test = manifest[manifest["case_id"].isin(split.loc[split["split"] == "test", "case_id"])]
     rows = []
-    for case in test.itertuples():
-        reference = disc_reference(
+    for case in manifest.itertuples():
+        path = folder / f"{case.case_id}_instances.mha"
+        if not path.is_file():
+            continue
+        reference = disc_components_reference(
             sitk.ReadImage(case.mask_path), disc_values, config.testing.min_instance_mm3
         )
-        predicted = sitk.ReadImage(str(run_dir / "predictions" / f"{case.case_id}_instances.mha"))
-        discs_only = sitk.Cast(
-            predicted * sitk.Cast(predicted > 200, predicted.GetPixelID()), sitk.sitkUInt16
+        rows.append({"case_id": case.case_id, **score_discs(reference, sitk.ReadImage(str(path)))})
+    if not rows:
+        print(
+            f"error: no <case>_instances.mha of the manifest's cases in {folder}", file=sys.stderr
         )
-        discs_only.CopyInformation(reference)
-        scores = spider_scores(reference, discs_only)
-        rows.append({"case_id": case.case_id, **{k: v for k, v in scores.items() if "disc" in k}})
+        return 1
     table = pd.DataFrame(rows)
-    write_csv(table, run_dir / "test_disc_instances_from_components.csv")
-    print(table.to_string(index=False))
+    name = "disc_instances_from_components.csv"
+    write_csv(table, folder / name if args.predictions else run_dir / f"test_{name}")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print(table.drop(columns=["discs_asd_mm"]).to_string(index=False))
+    agreement = table["discs_named"].sum() / max(table["discs_detected"].sum(), 1)
     print(
-        f"mean disc instance Dice {table['discs_dice'].mean():.3f}, "
-        f"detection {table['discs_detection'].mean():.3f} over {len(table)} cases"
+        f"{len(table)} cases: disc instance Dice {table['discs_dice'].mean():.3f}, detection "
+        f"{table['discs_detection'].mean():.3f}, level agreement {agreement:.3f} "
+        f"({table['discs_named'].sum()} of {table['discs_detected'].sum()} detected discs); "
+        f"every name right in {(table['discs_named'] == table['discs_detected']).sum()}, "
+        f"exact disc count in {(table['discs_predicted'] == table['discs_n']).sum()}"
     )
     return 0
 

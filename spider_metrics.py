@@ -68,6 +68,7 @@ DISCS = "discs"
 CANAL = "canal"
 STRUCTURES = (VERTEBRAE, DISCS, CANAL)
 CANAL_LABEL = 100
+PARTIAL_OFFSET = 100
 DETECTION_THRESHOLD = 0.1  # Dice below this: the vertebra or disc counts as missed
 
 _INTEGER_PIXEL_TYPES = {
@@ -246,7 +247,9 @@ def spider_instances(reference: sitk.Image, prediction: sitk.Image) -> pd.DataFr
     pandas shows as None or NaN, for labels in no structure),
     matched_label (predicted label covering most of it, 0 when none), dice (0 when unmatched),
     detected (dice >= 0.1; the challenge applies it to vertebrae and discs only), asd_mm
-    (symmetric ASD in mm with per-axis spacing; NaN when unmatched).
+    (symmetric ASD in mm with per-axis spacing; NaN when unmatched), same_level (the matched
+    label names the reference's level: equal labels, with a partially visible vertebra
+    100 + k counting as vertebra k; not one of the challenge's rules).
     """
     check_same_geometry(reference, prediction)
     ref = _label_array(reference, "reference")
@@ -276,10 +279,42 @@ def spider_instances(reference: sitk.Image, prediction: sitk.Image) -> pd.DataFr
                 "dice": dice,
                 "detected": dice >= DETECTION_THRESHOLD,
                 "asd_mm": asd_mm,
+                "same_level": _level_key(matched_label) == _level_key(ref_label),
             }
         )
-    columns = ["label", "structure", "matched_label", "dice", "detected", "asd_mm"]
+    columns = ["label", "structure", "matched_label", "dice", "detected", "asd_mm", "same_level"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def disc_components_reference(
+    mask: sitk.Image, disc_values: tuple[int, ...], min_mm3: float
+) -> sitk.Image:
+    """An instance reference for the discs of a semantic mask (one value for every disc, as
+    in the real slabs): the connected components (full connectivity) of disc_values, those
+    smaller than min_mm3 left out (label noise), numbered 201, 202, ... upward from the
+    most inferior centroid (the physical S-I axis), so that the lowest is L5/S1 wherever the
+    field of view holds the sacrum. Same geometry as mask, uint16."""
+    in_discs = np.isin(sitk.GetArrayFromImage(mask), disc_values).astype(np.uint8)
+    discs = sitk.GetImageFromArray(in_discs)
+    discs.CopyInformation(mask)
+    components = sitk.RelabelComponent(
+        sitk.ConnectedComponent(discs, True),
+        minimumObjectSize=int(np.ceil(min_mm3 / np.prod(mask.GetSpacing()))),
+    )
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.Execute(components)
+    height = {label: shapes.GetCentroid(label)[2] for label in shapes.GetLabels()}  # LPS z
+    lookup = np.zeros(len(height) + 1, np.uint16)
+    for rank, label in enumerate(sorted(height, key=height.get)):  # most inferior first
+        lookup[label] = 201 + rank
+    result = sitk.GetImageFromArray(lookup[sitk.GetArrayFromImage(components)])
+    result.CopyInformation(mask)
+    return result
+
+
+def _level_key(label: int) -> int:
+    """A SPIDER label's level: a partially visible vertebra 100 + k is vertebra k's."""
+    return label - PARTIAL_OFFSET if PARTIAL_OFFSET < label <= PARTIAL_OFFSET + 25 else label
 
 
 def _mean(values: pd.Series) -> float:
@@ -301,8 +336,11 @@ def spider_scores(
     Returns: vertebrae_dice, discs_dice (mean over detected instances; NaN when none),
     canal_dice (0 when nothing overlaps the canal; NaN when the reference has none),
     vertebrae_detection, discs_detection (detected / reference count; NaN when the reference
-    has none), vertebrae_asd_mm, discs_asd_mm, canal_asd_mm (mm; NaN where undefined), and
-    the counts vertebrae_n, discs_n, vertebrae_detected, discs_detected.
+    has none), vertebrae_asd_mm, discs_asd_mm, canal_asd_mm (mm; NaN where undefined),
+    vertebrae_level_agreement, discs_level_agreement (the share of detected instances whose
+    matched label names the same level; NaN when none is detected; this project's measure of
+    the level names, not one of the challenge's), and the counts vertebrae_n, discs_n,
+    vertebrae_detected, discs_detected, vertebrae_named, discs_named (detected and named right).
     """
     if asd_over not in ("detected", "all"):
         raise ValueError(f"asd_over must be 'detected' or 'all', got {asd_over!r}")
@@ -317,8 +355,13 @@ def spider_scores(
         scores[f"{structure}_asd_mm"] = (
             math.nan if asd_rows["asd_mm"].isna().any() else _mean(asd_rows["asd_mm"])
         )
+        named = int(detected["same_level"].sum())
+        scores[f"{structure}_level_agreement"] = (
+            named / len(detected) if len(detected) else math.nan
+        )
         scores[f"{structure}_n"] = len(rows)
         scores[f"{structure}_detected"] = len(detected)
+        scores[f"{structure}_named"] = named
     canal = instances[instances["structure"] == CANAL]
     scores["canal_dice"] = float(canal["dice"].iloc[0]) if len(canal) else math.nan
     scores["canal_asd_mm"] = float(canal["asd_mm"].iloc[0]) if len(canal) else math.nan
@@ -331,10 +374,14 @@ def spider_scores(
         "vertebrae_asd_mm",
         "discs_asd_mm",
         "canal_asd_mm",
+        "vertebrae_level_agreement",
+        "discs_level_agreement",
         "vertebrae_n",
         "discs_n",
         "vertebrae_detected",
         "discs_detected",
+        "vertebrae_named",
+        "discs_named",
     ]
     return {key: scores[key] for key in order}
 
@@ -342,12 +389,14 @@ def spider_scores(
 def summarise_spider(per_case: pd.DataFrame) -> pd.DataFrame:
     """Across cases: one row per structure (vertebrae, discs, canal).
 
-    per_case: one row per case with the columns of spider_scores (extra columns ignored).
-    Returns columns structure, n_cases (rows in per_case), then for dice, detection and
-    asd_mm: <metric>_mean, <metric>_std (sample std, ddof=1, as the challenge's pandas std)
-    and <metric>_n (the cases behind the mean: NaN cases are skipped). The canal has no
-    detection rate (NaN, n 0).
+    per_case: one row per case with the columns of spider_scores (extra columns ignored;
+    the level agreement columns may be absent, which gives NaN).
+    Returns columns structure, n_cases (rows in per_case), then for dice, detection, asd_mm
+    and level_agreement: <metric>_mean, <metric>_std (sample std, ddof=1, as the challenge's
+    pandas std) and <metric>_n (the cases behind the mean: NaN cases are skipped). The canal
+    has no detection rate or level agreement (NaN, n 0).
     """
+    metrics = ("dice", "detection", "asd_mm", "level_agreement")
     needed = [
         f"{structure}_{metric}"
         for structure in STRUCTURES
@@ -360,11 +409,11 @@ def summarise_spider(per_case: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for structure in STRUCTURES:
         row: dict[str, object] = {"structure": structure, "n_cases": len(per_case)}
-        for metric in ("dice", "detection", "asd_mm"):
+        for metric in metrics:
             column = f"{structure}_{metric}"
-            if column in needed:
+            if column in per_case.columns:
                 values = pd.to_numeric(per_case[column], errors="raise").astype(float).dropna()
-            else:  # the canal's detection rate
+            else:  # the canal's detection rate and level agreement
                 values = pd.Series(dtype=float)
             row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
             row[f"{metric}_std"] = float(values.std()) if len(values) > 1 else math.nan

@@ -23,10 +23,17 @@ from tqdm import tqdm
 
 from config import TestingConfig
 from devices import fast_settings
-from instances import instance_table, separate_instances
+from instances import (
+    INSTANCE_CLASSES,
+    discs_only,
+    instance_classes,
+    level_note,
+    separate_instances,
+    write_instances,
+)
 from patches import model_predictor, window_probabilities
 from plan import plan_lookup, plan_settings
-from spider_metrics import spider_scores, summarise_spider
+from spider_metrics import disc_components_reference, spider_scores, summarise_spider
 from store_plot_metrics import plot_overlay, write_csv
 from train import build_model
 from unet_model import UNet3D
@@ -125,22 +132,6 @@ def plan_from_checkpoint(state: dict) -> dict[str, object]:
     return state["plan"]
 
 
-INSTANCE_CLASSES = ("vertebrae", "intervertebral_discs", "spinal_canal")
-
-
-def instance_classes(class_names: tuple[str, ...]) -> tuple[int, int, int | None]:
-    """Class indices of vertebrae, intervertebral_discs and (optional) spinal_canal, which the
-    instance step needs; ValueError naming the classes there are otherwise."""
-    names = list(class_names)
-    if INSTANCE_CLASSES[0] not in names or INSTANCE_CLASSES[1] not in names:
-        raise ValueError(
-            "the instance step needs classes named vertebrae and intervertebral_discs "
-            f"([labels]); this model has {', '.join(names[1:])}"
-        )
-    canal = names.index(INSTANCE_CLASSES[2]) if INSTANCE_CLASSES[2] in names else None
-    return names.index(INSTANCE_CLASSES[0]), names.index(INSTANCE_CLASSES[1]), canal
-
-
 def uses_spider_numbering(plan: dict) -> bool:
     """Whether the plan's reference masks carry SPIDER's instance numbering: vertebrae among
     1-25/101-125, discs among 201-225 and the canal 100 (a semantic export such as the real
@@ -215,9 +206,7 @@ class Segmentation:
         paths = [folder / f"{name}.mha"]
         atomic_write_image(self.classes, paths[0])
         if self.instances is not None:
-            paths += [folder / f"{name}_instances.mha", folder / f"{name}_instances.csv"]
-            atomic_write_image(self.instances, paths[1])
-            write_csv(instance_table(self.instances), paths[2])
+            paths += write_instances(self.instances, folder, name)
         return paths
 
 
@@ -387,6 +376,24 @@ def read_reference(
     return scan, reference, raw_reference
 
 
+def score_case_instances(
+    raw_reference: sitk.Image,
+    instances: sitk.Image,
+    spider_references: bool,
+    disc_values: tuple[int, ...],
+    testing: TestingConfig,
+) -> dict[str, float]:
+    """spider_scores of a case's predicted instances (SPIDER numbering), with the level
+    agreement. References in SPIDER numbering are scored whole; a semantic reference (one
+    value for all discs, as the real slabs) only for its discs, against their connected
+    components numbered upward from L5/S1 (spider_metrics.disc_components_reference; the
+    vertebra and canal scores are then NaN)."""
+    if spider_references:
+        return spider_scores(raw_reference, instances)
+    reference = disc_components_reference(raw_reference, disc_values, testing.min_instance_mm3)
+    return spider_scores(reference, discs_only(instances))
+
+
 def evaluate_checkpoint(
     state: dict,
     cases: pd.DataFrame,
@@ -403,14 +410,21 @@ def evaluate_checkpoint(
     test_metrics.csv (one row per case and class, METRIC_COLUMNS), test_summary.csv and
     figures of the testing.figures cases with the lowest mean Dice. A case that cannot be read
     is reported and skipped. With testing.instances the instance step runs too:
-    predictions/<case>_instances.mha/.csv, and where the references carry SPIDER numbering
-    the challenge's metric (spider_metrics): test_instance_metrics.csv (per case) and
-    test_instance_summary.csv. Returns (metrics, summary, instance summary or None).
+    predictions/<case>_instances.mha/.csv (a scan whose level names are uncertain is named in
+    a printed line), and the challenge's metric with the level agreement (spider_metrics,
+    score_case_instances: every structure where the references carry SPIDER numbering, the
+    discs against their connected components where they are semantic):
+    test_instance_metrics.csv (per case) and test_instance_summary.csv.
+    Returns (metrics, summary, instance summary or None).
     """
     predictor = Predictor.from_checkpoint(state, device, testing)
     lookup = plan_lookup(predictor.plan)
-    score_instances = testing.instances and uses_spider_numbering(predictor.plan)
     class_names = tuple(state["class_names"])
+    spider_references = uses_spider_numbering(predictor.plan)
+    disc_values = tuple(
+        raw for raw, index in lookup.items() if class_names[index] == INSTANCE_CLASSES[1]
+    )
+    score_instances = testing.instances and (spider_references or bool(disc_values))
     rows, instance_rows, shown = [], [], []
     for case in tqdm(cases.itertuples(), total=len(cases), desc="test", disable=not progress):
         try:
@@ -423,8 +437,12 @@ def evaluate_checkpoint(
         segmentation = segment_scan(predictor, scan)
         prediction = segmentation.classes
         segmentation.write(run_dir / "predictions", case.case_id)
+        if segmentation.instances is not None and level_note(segmentation.instances):
+            tqdm.write(f"test case {case.case_id}: levels: {level_note(segmentation.instances)}")
         if score_instances:
-            scores = spider_scores(raw_reference, segmentation.instances)
+            scores = score_case_instances(
+                raw_reference, segmentation.instances, spider_references, disc_values, testing
+            )
             instance_rows.append({"case_id": case.case_id, **scores})
         case_rows = []
         for index, row in enumerate(case_metrics(prediction, reference, class_names), start=1):

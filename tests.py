@@ -21,7 +21,7 @@ import torch
 
 from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
 from devices import bf16_supported
-from instances import instance_table, level_name, separate_instances
+from instances import instance_table, level_name, level_note, number_levels, separate_instances
 from metrics import confusion_matrix, scores_from_confusion
 from patches import (
     crop_patches,
@@ -37,7 +37,13 @@ from patches import (
 from plan import make_plan
 from preprocess_script import preprocess_dataset
 from spacing_mode import auto_patch_size, auto_target_spacing
-from spider_metrics import spider_instances, spider_scores, structure_of, summarise_spider
+from spider_metrics import (
+    disc_components_reference,
+    spider_instances,
+    spider_scores,
+    structure_of,
+    summarise_spider,
+)
 from synthetic_spine import generate_dataset, synth_patient, write_case
 from test_unet import (
     Predictor,
@@ -767,6 +773,136 @@ def test_level_names():
             level_name(bad)
 
 
+def _pir_levels(instances: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(instances, "PIR")).astype(int)
+
+
+def _with_sacrum_block(mask: sitk.Image, height_mm: float) -> tuple[sitk.Image, np.ndarray]:
+    """A PIR SPIDER mask -> its class mask with a block of 'vertebra' painted in the sacrum:
+    from 3 mm below the L5/S1 disc, height_mm tall, the disc's A-P extent, its slices.
+    Returns (class mask, boolean block)."""
+    reference = sitk.GetArrayFromImage(mask)
+    classes = sitk.GetArrayFromImage(_semantic(mask))
+    sy, sx = mask.GetSpacing()[1], mask.GetSpacing()[0]
+    zz, yy, xx = np.nonzero(reference == 201)
+    top = yy.max() + 1 + int(round(3 / sy))
+    block = np.zeros(classes.shape, bool)
+    block[zz.min() : zz.max() + 1, top : top + int(round(height_mm / sy)), xx.min() : xx.max()] = (
+        True
+    )
+    block &= classes == 0
+    classes[block] = VERTEBRA
+    image = sitk.GetImageFromArray(classes)
+    image.CopyInformation(mask)
+    assert int(round(10 / sx)) < xx.max() - xx.min()  # the block is body-wide, not a speck
+    return image, block
+
+
+@pytest.mark.parametrize("seed, orientation", [(0, "PIR"), (4, "LPS")])
+def test_a_piece_of_sacrum_predicted_as_vertebra_keeps_l5_as_l5(seed, orientation):
+    _, mask = synth_patient(np.random.default_rng(seed), small=True)  # PIR, sacrum unlabelled
+    classes, block = _with_sacrum_block(mask, height_mm=12)
+    result = separate_instances(sitk.DICOMOrient(classes, orientation), VERTEBRA, DISC, CANAL, 0)
+    found = _pir_levels(result)
+    expected = sitk.GetArrayFromImage(mask).astype(int)
+    assert not found[block].any()  # the sacrum is unlabelled, as in SPIDER
+    for label in np.unique(expected[expected > 0]):
+        assert dice(found == label, expected == label) >= 0.95, label
+    assert level_note(result) == ""
+
+
+def test_a_body_below_the_lowest_disc_is_l5_when_its_disc_was_missed():
+    """No L5/S1 disc: the full-height body below the lowest disc is L5, with a note."""
+    _, mask = synth_patient(np.random.default_rng(0), small=True)
+    reference = sitk.GetArrayFromImage(mask)
+    classes = sitk.GetArrayFromImage(_semantic(mask))
+    classes[reference == 201] = 0
+    image = sitk.GetImageFromArray(classes)
+    image.CopyInformation(mask)
+    found = _pir_levels(separate_instances(image, VERTEBRA, DISC, CANAL, 0))
+    for label in (1, 2, 3, 202, 203):
+        assert dice(found == label, reference == label) >= 0.95, label
+    assert "no disc below the lowest vertebra" in level_note(
+        separate_instances(image, VERTEBRA, DISC, CANAL, 0)
+    )
+
+
+@pytest.mark.parametrize("orientation", ["PIR", "RAI"])
+def test_a_missed_disc_skips_its_number_and_is_noted(orientation):
+    _, mask = synth_patient(np.random.default_rng(2), small=True)
+    reference = sitk.GetArrayFromImage(mask)
+    classes = sitk.GetArrayFromImage(_semantic(mask))
+    classes[reference == 203] = 0  # the L3/L4 disc, inside the column
+    image = sitk.GetImageFromArray(classes)
+    image.CopyInformation(mask)
+    result = separate_instances(sitk.DICOMOrient(image, orientation), VERTEBRA, DISC, CANAL, 0)
+    found = _pir_levels(result)
+    for label in np.unique(reference[(reference > 0) & (reference != 203)]):
+        assert dice(found == label, reference == label) >= 0.95, label
+    assert 203 not in found
+    assert level_note(result) == "not found between L4 and L3: L3/L4 disc"
+    table = instance_table(result)
+    assert (table["level_note"] == level_note(result)).all()
+
+
+def test_a_field_of_view_ending_above_l5_is_counted_from_its_lowest_vertebra_and_flagged():
+    """Decision: without the sacrum in view the lowest vertebra is still called L5 (SPIDER's
+    convention), and the note says that L5 is unconfirmed."""
+    _, mask = synth_patient(np.random.default_rng(0), small=True)
+    reference = sitk.GetArrayFromImage(mask)
+    rows = np.nonzero((reference == 2).any(axis=(0, 2)))[0]  # L4's rows
+    cut = int(rows[len(rows) // 2])  # the scan ends in the middle of L4
+    cropped = sitk.GetImageFromArray(sitk.GetArrayFromImage(_semantic(mask))[:, :cut])
+    cropped.SetSpacing(mask.GetSpacing())
+    cropped.SetDirection(mask.GetDirection())
+    result = separate_instances(cropped, VERTEBRA, DISC, CANAL, 0)
+    found = sitk.GetArrayFromImage(result).astype(int)
+    assert dice(found == 1, reference[:, :cut] == 2) >= 0.95  # the cut L4 is called L5 ...
+    assert "lower edge of the field of view" in level_note(result)  # ... and flagged
+
+
+def test_number_levels_from_heights():
+    # bottom-up: disc 0 mm, body 15, disc 30, body 45, disc 60, body 75
+    vertebrae = {1: 15.0, 2: 45.0, 3: 75.0}
+    discs = {7: 0.0, 8: 30.0, 9: 60.0}
+    assert number_levels(vertebrae, discs) == ({1: 1, 2: 2, 3: 3}, {7: 1, 8: 2, 9: 3}, [])
+    # a fragment high in the column and a disc in two pieces do not rename anything below
+    assert number_levels({**vertebrae, 4: 78.0}, {**discs, 10: 2.0})[:2] == (
+        {1: 1, 2: 2, 3: 3, 4: 3},
+        {7: 1, 10: 1, 8: 2, 9: 3},
+    )
+    # a missed vertebra between two discs skips a number, and says so
+    numbers, disc_numbers, notes = number_levels({1: 15.0, 3: 75.0}, discs)
+    assert numbers == {1: 1, 3: 3} and disc_numbers == {7: 1, 8: 2, 9: 3}
+    assert notes == ["not found between L4/L5 disc and L3/L4 disc: L4"]
+    # the lowest structure a vertebra: it is L5
+    numbers, disc_numbers, notes = number_levels(vertebrae, {8: 30.0, 9: 60.0})
+    assert numbers == {1: 1, 2: 2, 3: 3} and disc_numbers == {8: 2, 9: 3}
+    assert notes == ["no disc below the lowest vertebra: it is called L5 (L5/S1 disc not found)"]
+    assert number_levels({}, {}) == ({}, {}, [])
+
+
+def test_instances_script_on_saved_masks(tmp_path):
+    import instances
+
+    _, mask = synth_patient(np.random.default_rng(0), small=True)
+    good = tmp_path / "scan_a.nii.gz"
+    sitk.WriteImage(sitk.DICOMOrient(_semantic(mask), "LPS"), str(good))
+    bad = tmp_path / "scan_b.mha"
+    sitk.WriteImage(mask, str(bad))  # SPIDER numbers, not class indices
+    out = tmp_path / "out"
+    assert instances.main([str(good), str(bad), "--output-dir", str(out)]) == 1
+    result = sitk.ReadImage(str(out / "scan_a_instances.mha"))
+    expected = sitk.GetArrayFromImage(mask).astype(int)
+    found = _pir_levels(result)
+    for label in np.unique(expected[expected > 0]):
+        assert dice(found == label, expected == label) >= 0.95, label
+    table = pd.read_csv(out / "scan_a_instances.csv", keep_default_na=False)
+    assert set(table["label"]) == set(np.unique(expected[expected > 0]).tolist())
+    assert (table["level_note"] == "").all()
+    assert not (out / "scan_b_instances.mha").exists()
+
+
 # ---------------------------------------------------------------- SPIDER instance metric
 
 
@@ -939,6 +1075,23 @@ def test_spider_size_mismatch_raises():
     ref = _empty()
     with pytest.raises(ValueError, match="size"):
         spider_scores(_mask(ref), _mask(ref[:, :, :39]))
+
+
+def test_spider_level_agreement_counts_detected_instances_named_right():
+    ref = _empty()
+    _cube(ref, 1, 2)
+    _cube(ref, 201, 13)
+    _cube(ref, 2, 24)
+    shifted = np.where(ref > 0, ref + 1, 0)  # every level one too high, shapes perfect
+    scores = spider_scores(_mask(ref), _mask(shifted))
+    assert scores["vertebrae_dice"] == 1.0 and scores["discs_detection"] == 1.0
+    assert scores["vertebrae_level_agreement"] == 0.0 and scores["discs_level_agreement"] == 0.0
+    partial = np.where(ref == 2, 102, ref)  # a partially visible L4 is still L4
+    scores = spider_scores(_mask(ref), _mask(partial))
+    assert scores["vertebrae_level_agreement"] == 1.0
+    assert (scores["vertebrae_named"], scores["discs_named"]) == (2, 1)
+    nothing = spider_scores(_mask(ref), _mask(np.zeros_like(ref)))
+    assert math.isnan(nothing["discs_level_agreement"])
 
 
 def test_spider_summary_is_nan_aware():
@@ -1344,8 +1497,6 @@ def test_sliding_window_rejects_wrong_logits_shape():
 
 
 def test_disc_reference_from_components_numbers_from_the_bottom():
-    from slab_disc_instances import disc_reference
-
     mask = np.zeros((6, 40, 20), np.uint8)  # PIR: (slices, rows superior->inferior, A-P)
     mask[2:4, 5:8, 5:12] = 29  # upper disc
     mask[2:4, 25:28, 5:12] = 29  # lower disc
@@ -1354,7 +1505,7 @@ def test_disc_reference_from_components_numbers_from_the_bottom():
     image = sitk.GetImageFromArray(mask)
     image.SetDirection((0, 0, -1, 1, 0, 0, 0, -1, 0))
     image.SetSpacing((1.0, 1.0, 2.0))
-    reference = sitk.GetArrayFromImage(disc_reference(image, (29,), min_mm3=10))
+    reference = sitk.GetArrayFromImage(disc_components_reference(image, (29,), min_mm3=10))
     assert set(np.unique(reference).tolist()) == {0, 201, 202}
     assert (reference[2:4, 25:28, 5:12] == 201).all() and (reference[2:4, 5:8, 5:12] == 202).all()
     assert reference[0, 0, 0] == 0
@@ -2167,7 +2318,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trai
 def test_torchrun_two_processes_match_a_single_process_run(tmp_path, tiny_raw):
     import preprocess_script
 
-    cfg = write_config(tmp_path, tiny_raw, training={"augment": "false"}, testing={"figures": 0})
+    # fp32: with bf16 autocast (a CPU with AVX512-BF16) the reduction order of 1 and 2
+    # processes alone moves the validation scores by more than the tolerance
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        training={"augment": "false", "precision": "fp32"},
+        testing={"figures": 0},
+    )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     single = subprocess.run(
         [

@@ -7,7 +7,8 @@ Reads preprocessed_dir/manifest.csv (run preprocess_script.py first) and writes 
 [paths] output_dir: run_config.json, splits.csv, checkpoints/{best,last}.pt,
 metrics_epochs.csv, loss/accuracy/f1/dice.png, predictions/, test_metrics.csv,
 test_summary.csv, figures/ and, with [testing] instances, predictions/<case>_instances.mha/.csv
-and (references in SPIDER numbering) test_instance_metrics.csv, test_instance_summary.csv.
+and test_instance_metrics.csv, test_instance_summary.csv (SPIDER's rules and the level agreement;
+references without SPIDER numbering: discs only, as connected components).
 Rerunning the same command resumes an interrupted run.
 Exit status: 0 done, 1 error, 130 interrupted.
 """
@@ -150,12 +151,16 @@ def format_summary(summary: pd.DataFrame) -> str:
 
 
 def format_instance_summary(summary: pd.DataFrame) -> str:
-    """The printed SPIDER-rules summary: instance Dice over detected instances, detection."""
-    lines = [f"{'structure':<24}{'cases':>6}{'Dice':>8}{'detection':>11}{'ASD mm':>9}"]
+    """The printed SPIDER-rules summary: instance Dice over detected instances, detection,
+    ASD, and the share of detected instances named at the right level; structures the
+    references do not have (NaN Dice) are left out."""
+    lines = [f"{'structure':<24}{'cases':>6}{'Dice':>8}{'detection':>11}{'ASD mm':>9}{'levels':>8}"]
     for row in summary.itertuples():
+        if row.dice_n == 0:
+            continue
         lines.append(
             f"{row.structure:<24}{row.n_cases:>6}{row.dice_mean:>8.3f}"
-            f"{row.detection_mean:>11.3f}{row.asd_mm_mean:>9.2f}"
+            f"{row.detection_mean:>11.3f}{row.asd_mm_mean:>9.2f}{row.level_agreement_mean:>8.3f}"
         )
     return "\n".join(lines)
 
@@ -238,7 +243,11 @@ def run(config: Config, progress: bool | None = None) -> int:
     )
     print(format_summary(summary))
     if instance_summary is not None:
-        print("SPIDER challenge metric (instances; test_instance_summary.csv):")
+        print(
+            "SPIDER challenge metric (instances; test_instance_summary.csv; levels: share of "
+            "detected instances named right; semantic references: discs only, as connected "
+            "components numbered from L5/S1):"
+        )
         print(format_instance_summary(instance_summary))
     print(
         f"outputs: {run_dir}/test_summary.csv, test_metrics.csv, predictions/, figures/, "
