@@ -1,7 +1,9 @@
 """Benchmark: the training pipeline against a seed-style loop; inference and preprocessing speed.
 
     python bench.py --quick       CPU, < 2 minutes: grid 64x32x16, UNet3D base 8 depth 4
-    python bench.py --gpu-check   one GPU, < 5 minutes: full size, 64 volumes (the GPU table)
+    python bench.py --gpu-check   one GPU, < 5 minutes: full size, 64 volumes: training vol/s
+                                  in fp32/bf16 with and without channels_last, s/scan, and a
+                                  bit-exact resume on the GPU (gpu_check.py)
     python bench.py --demo        grid and model of --config: the shipped demo settings (CPU)
     python bench.py               full size: the seed's UNet3D 32-64-128-256-512 on the 256x128x32
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
@@ -136,7 +138,12 @@ class Run:
     @property
     def fast_settings(self) -> tuple[torch.dtype | None, bool]:
         """The pipeline's (autocast dtype or None, channels_last_3d): devices.fast_settings."""
-        return fast_settings(self.device, self.training.precision, self.training.channels_last)
+        return fast_settings(
+            self.device,
+            self.training.precision,
+            self.training.channels_last,
+            self.preset.model.norm,
+        )
 
     @property
     def model_args(self) -> dict[str, object]:
@@ -231,12 +238,18 @@ def validation_dice(run: Run, network: nn.Module, val_set: VolumeDataset, fast: 
     return float(np.nanmean(totals.scores(Distributed())["dice"][1:]))
 
 
-def train_pipeline(run: Run, images: np.ndarray, masks: np.ndarray) -> tuple[nn.Module, float]:
-    """The project's training path: (trained network, volumes/s)."""
+def train_pipeline(
+    run: Run,
+    images: np.ndarray,
+    masks: np.ndarray,
+    fast: tuple[torch.dtype | None, bool] | None = None,
+) -> tuple[nn.Module, float]:
+    """The project's training path: (trained network, volumes/s). fast: (autocast dtype or
+    None, channels_last_3d), by default the pipeline's (Run.fast_settings)."""
     training, device, cuda = run.training, run.device, run.cuda
     torch.backends.cudnn.benchmark = cuda
     torch.manual_seed(training.seed)
-    amp_dtype, channels_last = run.fast_settings
+    amp_dtype, channels_last = fast or run.fast_settings
     model = build_model(run.model_args, device, channels_last)
     network = torch.compile(model) if run.compile else model
     optimizer = make_optimizer(model, training)
@@ -323,7 +336,12 @@ def inference_latency(run: Run, work: Path, settings: PreprocessingConfig) -> di
     import SimpleITK as sitk
 
     from synthetic_spine import synth_patient
-    from test_unet import back_to_scan, model_from_checkpoint, predict_probabilities
+    from test_unet import (
+        back_to_scan,
+        inference_layout,
+        model_from_checkpoint,
+        predict_probabilities,
+    )
     from vertebraeseg import CANONICAL, atomic_write_image, read_scan, resample_to_grid, to_grid
 
     images, _ = synth_patient(np.random.default_rng(3))
@@ -340,7 +358,11 @@ def inference_latency(run: Run, work: Path, settings: PreprocessingConfig) -> di
         grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
         clock.append(time.perf_counter())
         probabilities = predict_probabilities(  # on the host
-            model, grid.image, run.device, run.training.precision
+            model,
+            grid.image,
+            run.device,
+            run.training.precision,
+            channels_last=inference_layout(state, run.device),
         )
         clock.append(time.perf_counter())
         prediction = back_to_scan(probabilities, grid.image, scan, map_probabilities=True)
@@ -447,7 +469,9 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     volumes = PatchVolumes(
         [str(a) for a, _ in paths], [str(b) for _, b in paths], (slices, height, width), device
     )
-    amp_dtype, channels_last = fast_settings(device, training.precision, training.channels_last)
+    amp_dtype, channels_last = fast_settings(
+        device, training.precision, training.channels_last, config.model.norm
+    )
     model_args = {"in_channels": 1, "num_classes": len(CLASS_MEANS), **asdict(model_settings)}
     torch.manual_seed(0)
     model = build_model(model_args, device, channels_last)
@@ -636,6 +660,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
         work = Path(folder).resolve()
+        if args.gpu_check:
+            import gpu_check
+
+            record["gpu_check"] = gpu_check.check(run, work)
+            header = (
+                f"bench gpu-check on {name}, torch {torch.__version__}: grid "
+                f"{'x'.join(map(str, preset.grid))} (HxWxD), UNet3D base "
+                f"{preset.model.base_channels} depth {preset.model.depth} {preset.model.norm} "
+                f"norm, {preset.volumes} volumes, batch {training.batch_size}, 1 warm-up + "
+                f"{preset.epochs} timed epochs"
+            )
+            print(gpu_check.table(record["gpu_check"], header))
+            print(json.dumps(record))
+            return 0
         if args.spacing:
             log("spacing mode: patch training and sliding-window inference")
             record["spacing_mode"] = spacing_mode_speed(config, device, work)

@@ -77,27 +77,48 @@ def configure_threads(threads: int, world_size: int) -> int:
     return count
 
 
+def cuda_bf16_native(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability has bf16 arithmetic in hardware (Ampere,
+    8.0, and later). torch.cuda.is_bf16_supported() also says yes where bf16 is emulated (V100,
+    T4), and there cuDNN has no bf16 convolution: every Conv3d would take a slow path."""
+    return tuple(capability) >= (8, 0)
+
+
 def bf16_supported(device: torch.device) -> bool:
-    """Native bf16 arithmetic: CUDA GPUs that have it, CPUs with AVX512-BF16 or AMX."""
+    """Native bf16 arithmetic: CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return cuda_bf16_native(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
 
 
-def fast_settings(
-    device: torch.device, precision: str = "auto", channels_last: bool = True
-) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, use channels_last_3d) for a device.
+def channels_last_pays(device_type: str, norm: str) -> bool:
+    """Whether channels_last_3d memory is worth using: on CPUs (oneDNN), and on CUDA except with
+    instance norm, whose kernel makes its input contiguous: every norm would convert the layout
+    and the next convolution convert it back (pytorch issues 72341, 59168). `python bench.py
+    --gpu-check` measures both layouts on a GPU. Not on MPS."""
+    if device_type == "cuda":
+        return norm != "instance"
+    return device_type == "cpu"
 
-    precision auto: bf16 autocast where the device computes bf16 natively (CUDA GPUs from
-    Ampere on; CPUs with AVX512-BF16 or AMX), else fp32. On CPUs, unet_model.Conv3d keeps the
-    one convolution shape that oneDNN's bf16 kernel gets wrong in fp32.
-    channels_last_3d pays on CUDA and on CPUs (oneDNN), not on MPS.
-    """
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 for autocast, or None for fp32. precision auto: bf16 where the device computes it
+    natively (CUDA GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), else fp32; bf16 where it
+    does not is an error. On CPUs, unet_model.Conv3d keeps the one convolution shape that
+    oneDNN's bf16 kernel gets wrong in fp32."""
     native = bf16_supported(device)
     if precision == "bf16" and not native:
         raise ValueError(f"[training] precision = bf16, but {device} has no native bf16")
-    use_bf16 = native and precision != "fp32"
-    return (torch.bfloat16 if use_bf16 else None), channels_last and device.type != "mps"
+    return torch.bfloat16 if native and precision != "fp32" else None
+
+
+def fast_settings(
+    device: torch.device, precision: str, channels_last: bool, norm: str
+) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, use channels_last_3d) for a device and the model's
+    norm: autocast_dtype, and the [training] channels_last wish where channels_last_pays."""
+    return autocast_dtype(device, precision), channels_last and channels_last_pays(
+        device.type, norm
+    )

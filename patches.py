@@ -428,16 +428,20 @@ def window_probabilities(
     overlap: float,
     num_classes: int,
     flip_slices: bool = False,
+    batch_size: int = 1,
 ) -> torch.Tensor:
     """Probabilities (K, D, H, W) of one volume of any size: padded to the patch (with the
     image's minimum), predicted by sliding window, cropped back. image: (C, D, H, W).
     flip_slices: test-time augmentation, the mean with the prediction of the volume flipped
-    left-right (the slice axis D), flipped back."""
+    left-right (the slice axis D), flipped back. batch_size: windows predicted at once (memory
+    grows with it, not with the volume)."""
     padded, _, region = pad_to_patch(image, None, patch_size, float(image.min()))
-    probabilities = sliding_window_probabilities(predict, padded, patch_size, overlap, num_classes)
+    probabilities = sliding_window_probabilities(
+        predict, padded, patch_size, overlap, num_classes, batch_size
+    )
     if flip_slices:
         flipped = sliding_window_probabilities(
-            predict, padded.flip(1), patch_size, overlap, num_classes
+            predict, padded.flip(1), patch_size, overlap, num_classes, batch_size
         )
         probabilities = (probabilities + flipped.flip(1)) / 2
     return probabilities[(slice(None), *region)]

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from config import TestingConfig
-from devices import fast_settings
+from devices import autocast_dtype, fast_settings
 from instances import (
     INSTANCE_CLASSES,
     discs_only,
@@ -115,9 +115,15 @@ def precision_from_checkpoint(state: dict) -> str:
     return "fp32" if state["config"]["training"]["precision"] == "fp32" else "auto"
 
 
+def inference_layout(state: dict, device: torch.device) -> bool:
+    """Whether a checkpoint's network runs in channels_last_3d on device (fast_settings, for
+    the network's norm)."""
+    return fast_settings(device, "auto", True, state["model_args"]["norm"])[1]
+
+
 def model_from_checkpoint(state: dict, device: torch.device) -> UNet3D:
     """Rebuild the network from a checkpoint alone (its model_args and weights), in eval mode."""
-    model = build_model(state["model_args"], device, fast_settings(device)[1])
+    model = build_model(state["model_args"], device, inference_layout(state, device))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -172,6 +178,8 @@ class Predictor:
     device: torch.device
     precision: str = "auto"
     testing: TestingConfig = TestingConfig()
+    window_batch: int = 1  # sliding windows predicted at once (spacing mode)
+    channels_last: bool = False  # the network's memory layout (inference_layout)
 
     @classmethod
     def from_checkpoint(
@@ -188,7 +196,15 @@ class Predictor:
             device,
             precision_from_checkpoint(state),
             testing,
+            window_batch_size(state),
+            inference_layout(state, device),
         )
+
+
+def window_batch_size(state: dict) -> int:
+    """Sliding windows predicted at once: the run's training batch_size, a batch of patches
+    that the training's device held with gradients, so inference (without them) fits too."""
+    return max(1, int(state["config"]["training"]["batch_size"]))
 
 
 @dataclass(frozen=True)
@@ -219,17 +235,21 @@ def predict_probabilities(
     patch_size: tuple[int, int, int] | None = None,
     overlap: float = 0.5,
     flip: bool = False,
+    window_batch: int = 1,
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Softmax probabilities (classes, slices, height, width) float32 for one image.
 
-    precision auto|bf16|fp32 as in [training]; with channels_last_3d (devices.fast_settings).
+    precision auto|bf16|fp32 as in [training]; channels_last: feed channels_last_3d input (the
+    layout of a network built by model_from_checkpoint, inference_layout).
     patch_size None: the whole image in one pass (grid mode); else (slices, height, width) and
     a Gaussian-weighted sliding window with `overlap` (spacing mode, patches.py). flip: the mean
-    with the prediction of the left-right flipped image (test-time augmentation).
+    with the prediction of the left-right flipped image (test-time augmentation). window_batch:
+    sliding windows predicted at once.
     """
     array = sitk.GetArrayFromImage(grid_image).astype(np.float32)
     image = torch.from_numpy(array)[None].to(device)
-    amp_dtype, channels_last = fast_settings(device, precision)
+    amp_dtype = autocast_dtype(device, precision)
     predict = model_predictor(model, amp_dtype, channels_last)
     if patch_size is None:
         probabilities = predict(image[None])[0].softmax(dim=0)
@@ -239,7 +259,7 @@ def predict_probabilities(
     else:
         classes = model.arguments["num_classes"]
         probabilities = window_probabilities(
-            predict, image, patch_size, overlap, classes, flip_slices=flip
+            predict, image, patch_size, overlap, classes, flip_slices=flip, batch_size=window_batch
         )
     return probabilities.float().cpu().numpy()
 
@@ -276,6 +296,8 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
         patch,
         testing.overlap,
         testing.tta_flip,
+        predictor.window_batch,
+        predictor.channels_last,
     )
     classes = back_to_scan(probabilities, grid.image, scan, testing.map_probabilities)
     if testing.min_component_mm3 > 0:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import SimpleITK as sitk
 import torch
 
 from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
-from devices import bf16_supported
+from devices import Distributed, bf16_supported
 from instances import instance_table, level_name, level_note, number_levels, separate_instances
 from metrics import confusion_matrix, scores_from_confusion
 from patches import (
@@ -2471,3 +2472,220 @@ def test_compare_runs_means_runs_that_differ_only_in_seeds(tmp_path):
     assert main([str(tmp_path / "g1")]) == 1
     assert main([str(tmp_path / "g0"), "--csv", str(tmp_path / "t.csv")]) == 0
     assert pd.read_csv(tmp_path / "t.csv")["Dice vertebrae"].tolist() == [0.9]
+
+
+# ---------------------------------------------------------------- the GPU path, on a CPU
+
+
+def test_cuda_rng_state_is_this_gpus_own(monkeypatch):
+    """A resume on fewer visible GPUs than saved them: only this process's GPU is restored."""
+    import train
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((s, device)))
+    saved = train._rng_state(torch.device("cuda", 1))
+    assert torch.equal(saved["cuda"], torch.tensor([1]))  # one state, not one per visible GPU
+    assert "cuda" not in train._rng_state(torch.device("cpu"))
+    train._set_rng_state(saved, torch.device("cuda", 0))
+    assert calls == [(saved["cuda"], torch.device("cuda", 0))]
+    # an older checkpoint: one state per GPU of an 8-GPU box, resumed on cuda:0 and cuda:9
+    eight = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([i]) for i in range(8)]}
+    calls.clear()
+    train._set_rng_state(eight, torch.device("cuda", 0))
+    train._set_rng_state(eight, torch.device("cuda", 9))  # no state saved for it: left alone
+    assert len(calls) == 1 and torch.equal(calls[0][0], torch.tensor([0]))
+
+
+def test_resume_with_another_world_size_reseeds_rank_by_rank():
+    import train
+    from devices import Distributed
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    states = [train._rng_state(cpu)]
+    expected = torch.rand(3)
+    assert train.restore_rng(states, Distributed(), cpu, seed=0, epoch=4)  # exact
+    assert torch.equal(torch.rand(3), expected)
+    draws = []
+    for rank in (0, 1):
+        assert not train.restore_rng(states, Distributed(rank, 2, rank), cpu, seed=0, epoch=4)
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])  # two ranks never draw the same augmentations
+    train.restore_rng(states, Distributed(1, 2, 1), cpu, seed=0, epoch=4)
+    assert torch.equal(torch.rand(3), draws[1])  # reproducible
+
+
+def test_optimizer_state_takes_the_parameters_layout_after_loading():
+    """channels_last toggled between save and resume: fused AdamW (CUDA) needs exp_avg and
+    exp_avg_sq in each parameter's layout; Optimizer.load_state_dict keeps the saved strides."""
+    import train
+
+    args = {"in_channels": 1, "num_classes": 3, "base_channels": 4, "depth": 2, "norm": "instance"}
+    settings = TrainingConfig()
+    saved_model = train.build_model(args, torch.device("cpu"), channels_last=True)
+    optimizer = train.make_optimizer(saved_model, settings)
+    saved_model(torch.randn(2, 1, 4, 8, 8)).mean().backward()
+    optimizer.step()
+    model = train.build_model(args, torch.device("cpu"), channels_last=False)
+    model.load_state_dict(saved_model.state_dict())
+    resumed = train.make_optimizer(model, settings)
+    resumed.load_state_dict(optimizer.state_dict())
+    five_d = [p for p in model.parameters() if p.ndim == 5]
+    assert any(resumed.state[p]["exp_avg"].stride() != p.stride() for p in five_d)  # the defect
+    train.match_state_layout(resumed)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert resumed.state[p][key].stride() == p.stride(), key
+    before = {key: resumed.state[five_d[0]][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+    for key, value in before.items():
+        assert torch.equal(resumed.state[five_d[0]][key], value)  # same values, new layout
+
+
+def _validate_on_two_ranks(rank: int, folder: str) -> None:
+    """One gloo rank: a DDP batch-norm UNet trains one step, then validates as fit does with
+    2 ranks and 1 validation case (rank 1 has none), and reduces the metrics."""
+    import torch.distributed as dist
+
+    import train
+    from devices import Distributed
+    from training_data import ShardSampler, VolumeDataset, make_loader
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_DDP_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    args = {"in_channels": 1, "num_classes": 3, "base_channels": 4, "depth": 2, "norm": "batch"}
+    model = train.build_model(args, torch.device("cpu"), channels_last=False)
+    network = torch.nn.parallel.DistributedDataParallel(model)
+    loss_fn = train.SegmentationLoss(3)
+    generator = torch.Generator().manual_seed(rank)
+    images = torch.randn(2, 1, 4, 8, 8, generator=generator)
+    masks = torch.randint(0, 3, (2, 4, 8, 8), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters())
+    train.run_epoch(network, [(images, masks)], loss_fn, torch.device("cpu"), optimizer)
+    val_set = VolumeDataset.from_arrays(images[:1, 0].numpy(), masks[:1].numpy(), "cpu")
+    loader = make_loader(val_set, ShardSampler(1, rank, 2), 1, 0)
+    totals = train.run_epoch(train.unwrapped(network), loader, loss_fn, torch.device("cpu"))
+    scores = totals.scores(Distributed(rank, 2, rank))
+    Path(folder, f"rank{rank}.json").write_text(json.dumps({"loss": scores["loss"]}))
+    dist.destroy_process_group()
+
+
+def test_validation_with_batch_norm_and_a_rank_without_cases_does_not_hang(tmp_path):
+    """Validation runs on the unwrapped model: DDP's buffer broadcast in its first forward after
+    training would meet the other rank's all_reduce of the metrics (a hang or garbage)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import train
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        os.environ["TEST_DDP_PORT"] = str(probe.getsockname()[1])
+    args = {"in_channels": 1, "num_classes": 3, "base_channels": 4, "depth": 2, "norm": "batch"}
+    model = train.build_model(args, torch.device("cpu"), False)
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns keeps the model as _orig_mod
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+    assert train.unwrapped(Compiled(model)) is model
+    context = mp.start_processes(
+        _validate_on_two_ranks, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "validation under DDP hung"
+    losses = [json.loads((tmp_path / f"rank{r}.json").read_text())["loss"] for r in (0, 1)]
+    assert losses[0] == losses[1] and math.isfinite(losses[0])
+
+
+def test_bf16_only_where_the_gpu_has_it_in_hardware():
+    from devices import cuda_bf16_native
+
+    assert not cuda_bf16_native((7, 0))  # V100: torch.cuda.is_bf16_supported() says yes
+    assert not cuda_bf16_native((7, 5))  # T4
+    assert cuda_bf16_native((8, 0)) and cuda_bf16_native((8, 9)) and cuda_bf16_native((9, 0))
+
+
+def test_channels_last_is_not_used_with_instance_norm_on_cuda():
+    from devices import channels_last_pays, fast_settings
+
+    assert not channels_last_pays("cuda", "instance")
+    assert channels_last_pays("cuda", "batch") and channels_last_pays("cuda", "group")
+    assert channels_last_pays("cpu", "instance")  # oneDNN: unchanged on CPUs
+    assert not channels_last_pays("mps", "batch")
+    assert fast_settings(torch.device("cpu"), "fp32", True, "instance") == (None, True)
+    assert fast_settings(torch.device("cpu"), "fp32", False, "instance") == (None, False)
+
+
+def test_batches_from_host_memory_are_pinned_for_cuda(tiny_raw, tmp_path):
+    """Training on CUDA from host memory asks for page-locked batches (the flag is what a CPU
+    can check; pinning itself needs a GPU)."""
+    import preprocess_script
+    from training_data import make_data
+
+    rows = {}
+    for mode in ("grid", "spacing"):
+        (tmp_path / mode).mkdir()
+        cfg = write_config(tmp_path / mode, tiny_raw, preprocessing={"mode": mode})
+        assert preprocess_script.main(["--config", str(cfg)]) == 0
+        config = load_config(cfg)
+        manifest = pd.read_csv(config.paths.preprocessed_dir / "manifest.csv", dtype=str)
+        plan = json.loads((config.paths.preprocessed_dir / "plan.json").read_text())
+        rows[mode] = (manifest.iloc[:2], manifest.iloc[2:3], plan, config.training)
+    for device, expected in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        train_rows, val_rows, plan, training = rows["grid"]
+        settings = replace(training, cache_on_device=False)
+        grid = make_data(train_rows, val_rows, plan, settings, device, Distributed(), 1)
+        assert grid.train_loader.pin_memory is expected
+        assert grid.val_loader.pin_memory is expected
+        train_rows, val_rows, plan, training = rows["spacing"]
+        patches = make_data(train_rows, val_rows, plan, settings, device, Distributed(), 1)
+        assert patches.pin is expected
+
+
+def test_sliding_windows_are_predicted_in_batches():
+    from patches import window_probabilities
+
+    sizes = []
+
+    def predict(batch):
+        sizes.append(len(batch))
+        return torch.zeros(len(batch), 2, *batch.shape[2:])
+
+    image = torch.randn(1, 8, 40, 40)
+    one = window_probabilities(predict, image, (8, 16, 16), 0.5, 2)
+    windows = len(sizes)
+    assert set(sizes) == {1}
+    sizes.clear()
+    three = window_probabilities(predict, image, (8, 16, 16), 0.5, 2, batch_size=3)
+    assert max(sizes) == 3 and sum(sizes) == windows and len(sizes) == math.ceil(windows / 3)
+    assert torch.allclose(one, three)
+
+
+def test_gpu_check_runs_through_on_a_cpu(tmp_path, capsys):
+    """bench.py --gpu-check's parts at a tiny size on the CPU: every layout row, inference,
+    and the resume through the drivers, which must continue bit-exactly here too."""
+    import bench
+    import gpu_check
+    from config import ModelConfig
+
+    preset = bench.Preset("tiny", (32, 16, 8), ModelConfig(4, 3), 4, 1, 0.01, 2, True, 1)
+    run = bench.Run(preset, replace(TrainingConfig(), precision="fp32"), torch.device("cpu"), False)
+    record = gpu_check.check(run, tmp_path)
+    layouts = [(row["precision"], row["channels_last"]) for row in record["training"]]
+    precisions = ["fp32"] + (["bf16"] if bf16_supported(torch.device("cpu")) else [])
+    assert layouts == [(p, layout) for p in precisions for layout in (False, True)]
+    chosen = [
+        layout
+        for layout, row in zip(layouts, record["training"], strict=True)
+        if row["pipeline_choice"]
+    ]
+    assert chosen == [("fp32", True)]  # precision fp32; channels_last pays on CPUs
+    assert all(row["volumes_per_s"] > 0 for row in record["training"])
+    assert record["resume"] == {"bit_exact": True, "max_abs_difference": 0.0}
+    text = gpu_check.table(record, "header")
+    assert "resume continues bit-exactly" in text and "<- the pipeline's choice" in text

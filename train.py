@@ -259,18 +259,71 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """This process's generator states: the CPU's, and on CUDA its own GPU's only (a state per
+    visible GPU could not be restored where fewer GPUs are visible)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    """Restore saved generator states; they must be CPU ByteTensors wherever they were loaded."""
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore saved generator states; they must be CPU ByteTensors wherever they were loaded.
+    A CUDA state goes to this process's GPU (from a list of one state per GPU, as checkpoints
+    before held, the one of this GPU's index, if saved)."""
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, list):
+        cuda = cuda[device.index] if device.index < len(cuda) else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda.cpu(), device)
+
+
+def restore_rng(
+    states: list[dict], dist_info: Distributed, device: torch.device, seed: int, epoch: int
+) -> bool:
+    """Restore this rank's generators from a checkpoint's states (one per rank that saved it).
+    The same world size: each rank its own state, exactly (returns True). Another world size
+    (a distributed run resumed in one process, or on fewer GPUs): every rank is reseeded from
+    (seed, epoch, rank), so that no two ranks draw the same augmentations (returns False)."""
+    if len(states) == dist_info.world_size:
+        _set_rng_state(states[dist_info.rank], device)
+        return True
+    torch.manual_seed((seed * 100_003 + epoch) * 1009 + dist_info.rank)
+    return False
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """After Optimizer.load_state_dict: every per-parameter state tensor shaped like its
+    parameter (AdamW's exp_avg, exp_avg_sq) takes the parameter's memory layout. The loaded
+    state keeps the strides it was saved with, and fused AdamW on CUDA refuses a state whose
+    layout differs from its parameter's (a resume with channels_last toggled, or an MPS run
+    resumed on CUDA)."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if (
+                    torch.is_tensor(value)
+                    and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()
+                ):
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+def unwrapped(network: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers. Validation
+    runs on it: DDP broadcasts buffers (batch norm's statistics) in the first forward after
+    training, eval mode included, and a rank without a validation case would meet that
+    broadcast with the metrics' all_reduce (a hang, or corrupted metrics)."""
+    while isinstance(network, DistributedDataParallel) or hasattr(network, "_orig_mod"):
+        network = (
+            network.module if isinstance(network, DistributedDataParallel) else network._orig_mod
+        )
+    return network
 
 
 def _epoch_row(prefix: str, scores: dict, class_names: tuple[str, ...]) -> dict[str, float]:
@@ -318,7 +371,9 @@ def fit(
     dist_info = dist_info or Distributed()
     device = pick_device(settings.device, dist_info.local_rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    amp_dtype, channels_last = fast_settings(device, settings.precision, settings.channels_last)
+    amp_dtype, channels_last = fast_settings(
+        device, settings.precision, settings.channels_last, model_settings.norm
+    )
     if settings.batch_size % dist_info.world_size:
         raise ValueError(
             f"[training] batch_size = {settings.batch_size} is not divisible by the "
@@ -341,7 +396,7 @@ def fit(
     )
     last_path = run_dir / "checkpoints" / "last.pt"
     history, best_score, start_epoch = resume(
-        last_path, settings.resume, model, optimizer, scheduler, model_args, class_names, dist_info
+        last_path, settings, model, optimizer, scheduler, model_args, class_names, dist_info
     )
     if start_epoch > settings.epochs:
         return run_dir / "checkpoints" / "best.pt"
@@ -381,7 +436,12 @@ def fit(
         row |= _epoch_row("train", train_scores, class_names)
         if data.n_val:
             val_totals = data.validate(
-                network, loss_fn, device, amp_dtype, channels_last, f"val {epoch}" if show else ""
+                unwrapped(network),
+                loss_fn,
+                device,
+                amp_dtype,
+                channels_last,
+                f"val {epoch}" if show else "",
             )
             row |= _epoch_row("val", val_totals.scores(dist_info), class_names)
         seconds = time.perf_counter() - started
@@ -399,7 +459,7 @@ def fit(
             "epoch": epoch,
             "best_score": best_score,
             "history": history,
-            "rng": gather_rng_states(dist_info),
+            "rng": gather_rng_states(dist_info, device),
             "class_names": list(class_names),
             "config": config_record,
             "plan": plan,
@@ -440,7 +500,7 @@ def make_model_and_optimizer(
 
 def resume(
     last_path: Path,
-    enabled: bool,
+    settings: TrainingConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -448,10 +508,11 @@ def resume(
     class_names: tuple[str, ...],
     dist_info: Distributed,
 ) -> tuple[list[dict], float, int]:
-    """Restore model, optimizer, schedule and RNG from last.pt when enabled and present.
-    Returns (history, best score, first epoch to run). The checkpoint is loaded to the CPU
-    (the saved RNG states must stay CPU ByteTensors); load_state_dict moves the rest."""
-    if not enabled or not last_path.is_file():
+    """Restore model, optimizer, schedule and RNG from last.pt when settings.resume and it
+    exists. Returns (history, best score, first epoch to run). The checkpoint is loaded to the
+    CPU (the saved RNG states must stay CPU ByteTensors); load_state_dict moves the rest, and
+    the optimizer's state takes each parameter's memory layout (match_state_layout)."""
+    if not settings.resume or not last_path.is_file():
         return [], -math.inf, 1
     state = load_checkpoint(last_path)
     if state["model_args"] != model_args or tuple(state["class_names"]) != class_names:
@@ -461,19 +522,26 @@ def resume(
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    match_state_layout(optimizer)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"][min(dist_info.rank, len(state["rng"]) - 1)])
+    device = next(model.parameters()).device
+    exact = restore_rng(state["rng"], dist_info, device, settings.seed, state["epoch"] + 1)
     if dist_info.is_main:
         tqdm.write(f"resuming {last_path.parent.parent} after epoch {state['epoch']}")
+        if not exact:
+            tqdm.write(
+                f"  saved by {len(state['rng'])} process(es), resumed by {dist_info.world_size}: "
+                "random generators reseeded per rank (not the exact continuation)"
+            )
     return list(state["history"]), state["best_score"], state["epoch"] + 1
 
 
-def gather_rng_states(dist_info: Distributed) -> list:
+def gather_rng_states(dist_info: Distributed, device: torch.device) -> list:
     """Every rank's generator states (rank order), for an exact resume."""
     if not dist_info.active:
-        return [_rng_state()]
+        return [_rng_state(device)]
     states = [None] * dist_info.world_size
-    dist.all_gather_object(states, _rng_state())
+    dist.all_gather_object(states, _rng_state(device))
     return states
 
 

@@ -131,14 +131,26 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(
-    dataset: VolumeDataset, sampler: Sampler, batch_size: int, workers: int
+    dataset: VolumeDataset, sampler: Sampler, batch_size: int, workers: int, pin: bool = False
 ) -> DataLoader:
-    """Batches of positions go to the dataset whole (one gather for a cached dataset)."""
+    """Batches of positions go to the dataset whole (one gather for a cached dataset).
+    pin: batches in page-locked memory (training on CUDA from host memory), so that
+    .to(cuda, non_blocking=True) does not wait for the GPU's queue."""
     batches = BatchSampler(sampler, batch_size, drop_last=False)
     cached = dataset.cache is not None
     return DataLoader(
-        dataset, sampler=batches, batch_size=None, num_workers=0 if cached else workers
+        dataset,
+        sampler=batches,
+        batch_size=None,
+        num_workers=0 if cached else workers,
+        pin_memory=pin,
     )
+
+
+def pin_batches(device: torch.device, store: torch.device | None) -> bool:
+    """Whether host batches should be pinned: training on CUDA from data held on the host
+    (store: the cache's device, None for reading from disk)."""
+    return device.type == "cuda" and (store is None or store.type == "cpu")
 
 
 @dataclass
@@ -160,6 +172,7 @@ class GridData:
         settings: TrainingConfig,
         dist_info: Distributed,
         per_rank_batch: int,
+        pin: bool = False,
     ) -> GridData:
         train_set = VolumeDataset(
             list(train_rows["out_image"]), list(train_rows["out_mask"]), cache_device
@@ -175,8 +188,8 @@ class GridData:
             train_set,
             val_set,
             sampler,
-            make_loader(train_set, sampler, per_rank_batch, settings.loader_workers),
-            make_loader(val_set, shard, per_rank_batch, settings.loader_workers),
+            make_loader(train_set, sampler, per_rank_batch, settings.loader_workers, pin),
+            make_loader(val_set, shard, per_rank_batch, settings.loader_workers, pin),
         )
 
     @property
@@ -220,6 +233,7 @@ class PatchData:
     settings: TrainingConfig
     dist_info: Distributed
     per_rank_batch: int
+    pin: bool = False  # pin each batch (training on CUDA from volumes held on the host)
 
     @property
     def n_train(self) -> int:
@@ -239,9 +253,12 @@ class PatchData:
         generator = torch.Generator().manual_seed(
             (self.settings.seed * 100_003 + epoch) * 1009 + self.dist_info.rank
         )
-        return self.train.batches(
+        batches = self.train.batches(
             steps, self.per_rank_batch, self.settings.foreground_fraction, generator
         )
+        if not self.pin:
+            return batches
+        return ((images.pin_memory(), masks.pin_memory()) for images, masks in batches)
 
     @torch.no_grad()
     def validate(self, network, loss_fn, device, amp_dtype, channels_last, progress):
@@ -256,7 +273,12 @@ class PatchData:
             image, mask = self.val.volume(position)
             image, mask = image.to(device), mask.to(device).long()
             probabilities = window_probabilities(
-                predict, image, self.train.patch_size, VALIDATION_OVERLAP, classes
+                predict,
+                image,
+                self.train.patch_size,
+                VALIDATION_OVERLAP,
+                classes,
+                batch_size=self.per_rank_batch,
             )
             loss = loss_fn(probabilities.clamp_min(1e-6).log()[None], mask[None])
             totals.add(loss, 1, probabilities.argmax(0), mask, 0)
@@ -276,9 +298,10 @@ def make_data(
     voxels = sum(volume_voxels(path) for path in train_rows["out_image"])
     voxels = voxels * (len(train_rows) + len(val_rows)) // max(1, len(train_rows))
     cache_device = choose_cache(voxels * 5, device, settings.cache_on_device)
+    pin = pin_batches(device, cache_device)
     if plan.get("mode", "grid") == "grid":
         return GridData.build(
-            train_rows, val_rows, cache_device, settings, dist_info, per_rank_batch
+            train_rows, val_rows, cache_device, settings, dist_info, per_rank_batch, pin
         )
     height, width, slices = plan["patch_size"]
     patch = (slices, height, width)  # plan order (S-I, A-P, slices) -> tensors (z, y, x)
@@ -289,4 +312,5 @@ def make_data(
         settings,
         dist_info,
         per_rank_batch,
+        pin,
     )
