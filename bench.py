@@ -452,9 +452,9 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     from vertebraeseg import resample_to_grid
 
     training, model_settings = config.training, config.model
-    factor = 2 ** (model_settings.depth - 1)
-    patch = patch_size(training.patch_size, model_settings.depth) or tuple(
-        max(factor, v // factor * factor) for v in (160, 160, 16)
+    multiple = model_settings.size_multiple
+    patch = patch_size(training.patch_size, multiple) or tuple(
+        max(f, v // f * f) for v, f in zip((160, 160, 16), multiple, strict=True)
     )
     spacing = target_spacing(config.preprocessing.target_spacing) or (1.0, 1.0, 1.0)
     height, width, slices = patch

@@ -92,6 +92,14 @@ class ModelConfig:
     base_channels: int = 32
     depth: int = 5
     norm: str = "instance"
+    stem_stride: tuple[int, int, int] = (1, 1, 1)  # (height, width, slices), each 1 or 2
+    residual: bool = False
+    deep_supervision: bool = False
+
+    @property
+    def size_multiple(self) -> tuple[int, int, int]:
+        """What every grid or patch size (height, width, slices) must be a multiple of."""
+        return tuple(s * 2 ** (self.depth - 1) for s in self.stem_stride)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class TrainingConfig:
     patch_size: str = "auto"
     foreground_fraction: float = 0.33
     steps_per_epoch: int = 0
+    val_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,7 @@ POSITIVE = {
     ("model", "depth"),
     ("training", "epochs"),
     ("training", "batch_size"),
+    ("training", "val_every"),
     ("training", "learning_rate"),
 }
 FRACTIONS = {
@@ -350,13 +360,17 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[training] {key} = {getattr(t, key)!r}: must be >= 0")
     if t.ce_weight + t.dice_weight == 0:
         raise ConfigError("[training] ce_weight and dice_weight are both 0: no loss to train on")
-    p = config.preprocessing
-    factor = 2 ** (config.model.depth - 1)
-    for axis, size in zip(("height", "width", "slices"), p.grid, strict=True):
+    p, m = config.preprocessing, config.model
+    if any(s not in (1, 2) for s in m.stem_stride):
+        raise ConfigError(f"[model] stem_stride = {m.stem_stride}: each value must be 1 or 2")
+    for axis, size, factor in zip(
+        ("height", "width", "slices"), p.grid, m.size_multiple, strict=True
+    ):
         if size <= 0 or size % factor:
             raise ConfigError(
                 f"[preprocessing] grid = {', '.join(map(str, p.grid))}: {axis} {size} is not a "
-                f"positive multiple of {factor} = 2^(depth-1), [model] depth = {config.model.depth}"
+                f"positive multiple of {factor} = stem stride x 2^(depth-1), [model] depth = "
+                f"{m.depth}, stem_stride = {', '.join(map(str, m.stem_stride))}"
             )
     low, high = p.clip_percentiles
     if not 0.0 <= low < high <= 100.0:
@@ -374,7 +388,7 @@ def _check(config: Config) -> None:
     if t.steps_per_epoch < 0:
         raise ConfigError(f"[training] steps_per_epoch = {t.steps_per_epoch}: must be >= 0")
     target_spacing(p.target_spacing)
-    patch_size(t.patch_size, config.model.depth)
+    patch_size(t.patch_size, config.model.size_multiple)
     if not config.data.sequences:
         raise ConfigError("[data] sequences is empty")
     _check_paths(config.paths)
@@ -392,18 +406,18 @@ def target_spacing(text: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def patch_size(text: str, depth: int) -> tuple[int, int, int] | None:
+def patch_size(text: str, multiple: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """[training] patch_size: None for auto, else three sizes (S-I, A-P, slices), each a
-    positive multiple of 2^(depth-1); ConfigError naming the key otherwise."""
+    positive multiple of `multiple` (ModelConfig.size_multiple); ConfigError naming the key
+    otherwise."""
     if text.strip().lower() == "auto":
         return None
     where = "[training] patch_size"
     values = _convert(text, tuple[int, int, int], where, Path())
-    factor = 2 ** (depth - 1)
-    if any(v <= 0 or v % factor for v in values):
+    if any(v <= 0 or v % f for v, f in zip(values, multiple, strict=True)):
         raise ConfigError(
-            f"{where} = {text!r}: each size must be a positive multiple of {factor} = "
-            f"2^(depth-1), [model] depth = {depth} (or auto)"
+            f"{where} = {text!r}: the sizes must be positive multiples of "
+            f"{', '.join(map(str, multiple))} ([model] stem stride x 2^(depth-1)) (or auto)"
         )
     return values  # type: ignore[return-value]
 

@@ -141,6 +141,7 @@ NEW_LEVEL_VOLUME = 0.3  # and at least this large (x median vertebra) becomes a 
 LEVEL_RIDGE = 0.1  # x R: extra height of the watershed landscape halfway between two levels
 WORK_SPACING_MM = 1.0  # vertebrae are split on in-plane blocks of about this size (speed)
 BODY_HEIGHT_FRACTION = 0.9  # x median body height: a shorter one below the lowest disc is sacrum
+DISC_PIECE_FRACTION = 0.2  # x median disc volume: a smaller disc piece is no level landmark
 LEVEL_NOTE_KEY = "level_note"  # metadata key of the instance image: why its names are uncertain
 
 # Vertebra names counted upward from L5 (k = 1): L5-L1, T12-T1, C7-C1.
@@ -637,8 +638,13 @@ def _instances_in_box(
     alive = {
         i: c for i, c in seed_centres.items() if counts[i] > 0 and counts[i] * voxel_mm3 >= min_mm3
     }
+    disc_volumes = np.bincount(disc_components.ravel())
+    typical_disc = float(np.median(disc_volumes[list(disc_centres)])) if disc_centres else 0.0
+    landmark = {i for i in disc_centres if disc_volumes[i] >= DISC_PIECE_FRACTION * typical_disc}
     vertebra_numbers, disc_numbers, notes = number_levels(
-        {i: -c[1] for i, c in alive.items()}, {i: -c[1] for i, c in disc_centres.items()}
+        {i: -c[1] for i, c in alive.items()},
+        {i: -c[1] for i, c in disc_centres.items() if i in landmark},
+        {i: -c[1] for i, c in disc_centres.items() if i not in landmark},
     )
     lowest = _lowest_structure(labels, disc_components, alive, disc_centres)
     if touches_bottom and lowest is not None and lowest[:, -1, :].any():
@@ -704,14 +710,16 @@ def _half_level(heights: list[float], kinds: list[str]) -> float:
 
 
 def number_levels(
-    vertebrae: dict[int, float], discs: dict[int, float]
+    vertebrae: dict[int, float], discs: dict[int, float], pieces: dict[int, float] | None = None
 ) -> tuple[dict[int, int], dict[int, int], list[str]]:
     """Level numbers of vertebrae and discs from their heights along the spine.
 
     vertebrae / discs: id -> height (mm, larger = more superior) of a vertebral body's centre
-    / a disc's centroid. Returns (vertebra numbers: 1 = L5 upward; disc numbers: k = the disc
-    directly below vertebra k, 1 = L5/S1; notes: why a name may be wrong, [] when the
-    sequence is complete).
+    / a disc's centroid; pieces: small disc pieces (id -> height), which are no landmarks:
+    each takes the disc number nearest to its height on the scale the others set. Returns
+    (vertebra numbers: 1 = L5 upward; disc numbers (discs and pieces): k = the disc directly
+    below vertebra k, 1 = L5/S1; notes: why a name may be wrong, [] when the sequence is
+    complete).
 
     The rule: going up from the lowest structure, vertebrae and discs alternate, one
     half-level (H, the median distance between neighbours of different kinds) apart. The
@@ -760,6 +768,19 @@ def number_levels(
     disc_numbers = {
         i: (q + 1) // 2 for q, (_, k, i) in zip(positions, items, strict=True) if k == "disc"
     }
+    for i, height in (pieces or {}).items():
+        if len(items) == 1 or not np.isfinite(half):
+            disc_numbers[i] = max(1, (positions[0] + 1) // 2)
+            continue
+        # half-level position: interpolated between the structures, extrapolated beyond
+        low, high = heights[0], heights[-1]
+        if height < low:
+            q = positions[0] - (low - height) / half
+        elif height > high:
+            q = positions[-1] + (height - high) / half
+        else:
+            q = float(np.interp(height, heights, positions))
+        disc_numbers[i] = max(1, int(np.floor((q + 1) / 2 + 0.5)))  # the nearest disc, 2k - 1
     return vertebra_numbers, disc_numbers, notes
 
 

@@ -154,7 +154,7 @@ def resolve_target_spacing(config: Config) -> tuple[float, float, float]:
 def resolve_patch_size(config: Config, manifest: pd.DataFrame) -> tuple[int, int, int]:
     """[training] patch_size, or (auto) spacing_mode.auto_patch_size of the median size of the
     preprocessed cases (S-I, A-P, slices)."""
-    explicit = patch_size(config.training.patch_size, config.model.depth)
+    explicit = patch_size(config.training.patch_size, config.model.size_multiple)
     if explicit is not None:
         return explicit
     sizes = [
@@ -164,7 +164,7 @@ def resolve_patch_size(config: Config, manifest: pd.DataFrame) -> tuple[int, int
     if not sizes:
         raise ConfigError("[training] patch_size = auto: no preprocessed case to size it from")
     median = np.median(np.array(sizes), axis=0)
-    return auto_patch_size(tuple(int(v) for v in median), config.model.depth)
+    return auto_patch_size(tuple(int(v) for v in median), config.model.size_multiple)
 
 
 def run(config: Config, progress: bool | None = None) -> int:

@@ -64,18 +64,22 @@ def auto_target_spacing(spacings: np.ndarray, sizes: np.ndarray) -> tuple[float,
 
 
 def auto_patch_size(
-    median_size: tuple[int, int, int], depth: int, max_voxels: int = PATCH_VOXELS
+    median_size: tuple[int, int, int],
+    multiple: tuple[int, int, int],
+    max_voxels: int = PATCH_VOXELS,
 ) -> tuple[int, int, int]:
     """Patch (S-I, A-P, slices) for cases of `median_size` voxels: every axis a positive
-    multiple of 2^(depth-1), at most the median size rounded up, at most max_voxels in all."""
-    factor = 2 ** (depth - 1)
+    multiple of its `multiple` (ModelConfig.size_multiple), at most the median size rounded up,
+    at most max_voxels in all."""
+    factor = np.asarray(multiple)
     median = np.maximum(np.asarray(median_size, float), 1)
     patch = (np.ceil(median / factor) * factor).astype(int)
     while patch.prod() > max_voxels and (patch > factor).any():
         # shrink the axis that stays largest relative to the median after one step, so that a
         # short axis (a few slices) is not halved while long ones keep most of their size
         after = np.where(patch > factor, (patch - factor) / median, -np.inf)
-        patch[int(np.argmax(after))] -= factor
+        k = int(np.argmax(after))
+        patch[k] -= factor[k]
     return tuple(int(v) for v in patch)  # type: ignore[return-value]
 
 

@@ -41,7 +41,8 @@ def plot_curves(history: pd.DataFrame, run_dir: Path) -> list[Path]:
         for split in ("train", "val"):
             key = f"{split}_{column}"
             if key in history and history[key].notna().any():
-                axis.plot(history["epoch"], history[key], marker=".", label=split)
+                points = history[["epoch", key]].dropna()  # validated epochs only
+                axis.plot(points["epoch"], points[key], marker=".", label=split)
         axis.set_xlabel("epoch")
         axis.set_ylabel(column)
         axis.grid(alpha=0.3)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 
 from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config
 from devices import Distributed, bf16_supported
@@ -198,7 +199,8 @@ def test_set_overrides_are_typed(tmp_path):
         ("preprocessing.mode=native", "[preprocessing] mode = 'native': choose one of grid"),
         ("preprocessing.target_spacing=0.9, 0, 3", "[preprocessing] target_spacing = '0.9, 0, 3'"),
         ("preprocessing.target_spacing=fine", "target_spacing = 'fine': expected 3"),
-        ("training.patch_size=30, 16, 8", "[training] patch_size = '30, 16, 8': each size"),
+        ("training.patch_size=30, 16, 8", "patch_size = '30, 16, 8': the sizes must be positive"),
+        ("model.stem_stride=2, 3, 1", "[model] stem_stride = (2, 3, 1): each value must be 1 or 2"),
         ("training.foreground_fraction=2", "foreground_fraction = 2.0: must be a fraction"),
         ("testing.overlap=1", "[testing] overlap = 1.0: must be a fraction"),
         ("testing.min_component_mm3=-1", "[testing] min_component_mm3 = -1.0: must be >= 0"),
@@ -208,6 +210,15 @@ def test_configuration_errors_name_key_and_value(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(write_config(tmp_path, tmp_path / "raw"), [override])
     assert message in str(error.value)
+
+
+def test_a_strided_stem_needs_sizes_it_can_halve(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "raw")
+    strided = ["model.stem_stride=2, 2, 2", "model.depth=4"]
+    with pytest.raises(ConfigError, match="slices 8 is not a positive multiple of 16 = stem"):
+        load_config(cfg, strided)
+    config = load_config(cfg, ["model.stem_stride=2, 2, 1", "model.depth=3"])
+    assert config.model.size_multiple == (8, 8, 4)
 
 
 def test_one_class_per_value_option_gives_fixed_indices(tmp_path):
@@ -399,8 +410,86 @@ def test_model_output_shape_on_odd_grids(shape, depth):
 
 
 def test_model_rejects_grid_not_divisible():
-    with pytest.raises(ValueError, match="not divisible by 4"):
+    with pytest.raises(ValueError, match=r"not divisible by \(4, 4, 4\)"):
         UNet3D(base_channels=4, depth=3)(torch.zeros(1, 1, 8, 8, 6))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"stem_stride": (2, 2, 1)},
+        {"stem_stride": (2, 2, 2), "residual": True},
+        {"residual": True},
+        {"deep_supervision": True},
+        {"stem_stride": (2, 2, 1), "residual": True, "deep_supervision": True},
+    ],
+)
+def test_model_options_keep_the_output_at_full_resolution(options):
+    model = UNet3D(num_classes=3, base_channels=4, depth=3, **options)
+    image = torch.randn(2, 1, 8, 24, 16)  # (slices, height, width): odd multiples of the sizes
+    model.train()
+    out = model(image)
+    if options.get("deep_supervision"):
+        strided = options.get("stem_stride", (1, 1, 1)) != (1, 1, 1)
+        assert isinstance(out, list) and len(out) == (3 if strided else 2)
+        assert out[0].shape == (2, 3, 8, 24, 16)
+        sizes = [o.shape[2:] for o in out]
+        assert all(np.prod(a) > np.prod(b) for a, b in zip(sizes, sizes[1:], strict=False))
+        out[0].mean().backward()
+    else:
+        assert out.shape == (2, 3, 8, 24, 16)
+    model.eval()
+    assert model(image).shape == (2, 3, 8, 24, 16)  # eval: the full-resolution logits only
+    assert UNet3D(**model.arguments).arguments == model.arguments  # checkpoints rebuild it
+
+
+def test_strided_stem_costs_less_than_the_seed_shape():
+    """The stem's first convolutions run at a quarter of the voxels: fewer multiply-adds."""
+
+    def multiply_adds(model: UNet3D, shape: tuple) -> int:
+        total = 0
+
+        def count(module, _inputs, output):
+            nonlocal total
+            total += (
+                output.numel() * module.in_channels * np.prod(module.kernel_size) // (module.groups)
+            )
+
+        hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, Conv3d)]
+        model(torch.zeros(1, 1, *shape))
+        for hook in hooks:
+            hook.remove()
+        return total
+
+    shape = (16, 64, 32)
+    seed = multiply_adds(UNet3D(num_classes=4, base_channels=8, depth=4), shape)
+    strided = multiply_adds(
+        UNet3D(num_classes=4, base_channels=8, depth=4, stem_stride=(2, 2, 1)), shape
+    )
+    assert strided < 0.4 * seed
+
+
+def test_model_rejects_a_size_the_strided_stem_cannot_take():
+    with pytest.raises(ValueError, match="not divisible by"):
+        UNet3D(base_channels=4, depth=3, stem_stride=(2, 2, 1))(torch.zeros(1, 1, 8, 12, 16))
+    with pytest.raises(ValueError, match="stem_stride"):
+        UNet3D(stem_stride=(3, 1, 1))
+
+
+def test_deep_supervision_loss_weighs_coarser_levels_less():
+    loss_fn = SegmentationLoss(3)
+    target = torch.zeros(1, 8, 16, 16, dtype=torch.long)
+    target[:, 2:6, 4:12, 4:12] = 1
+    perfect = F.one_hot(target, 3).movedim(-1, 1).float() * 20
+    half = F.one_hot(target[:, ::2, ::2, ::2], 3).movedim(-1, 1).float() * 20
+    wrong_half = half.flip(1)
+    good = loss_fn([perfect, half], target)
+    assert good == pytest.approx(loss_fn(perfect, target), abs=1e-4)  # both levels right
+    worse = loss_fn([perfect, wrong_half], target)
+    # the coarse level weighs 1/3 (weights 1 and 1/2, normalised)
+    assert worse == pytest.approx(
+        good + (loss_fn(wrong_half, target[:, ::2, ::2, ::2]) - good) / 3, rel=1e-4
+    )
 
 
 def test_seed_architecture_channels():
@@ -881,6 +970,11 @@ def test_number_levels_from_heights():
     assert numbers == {1: 1, 2: 2, 3: 3} and disc_numbers == {8: 2, 9: 3}
     assert notes == ["no disc below the lowest vertebra: it is called L5 (L5/S1 disc not found)"]
     assert number_levels({}, {}) == ({}, {}, [])
+    # small disc pieces are no landmarks: a piece between L5/S1 and L5's body (as a model made
+    # on a real slab) joins the nearest disc level instead of opening a level of its own
+    numbers, disc_numbers, notes = number_levels(vertebrae, discs, {11: 12.0, 12: 20.0, 13: -9.0})
+    assert numbers == {1: 1, 2: 2, 3: 3} and notes == []
+    assert disc_numbers == {7: 1, 8: 2, 9: 3, 11: 1, 12: 2, 13: 1}
 
 
 def test_instances_script_on_saved_masks(tmp_path):
@@ -1137,11 +1231,15 @@ def test_auto_target_spacing_follows_the_anisotropy_rule():
 
 
 def test_auto_patch_size_fits_the_budget_and_the_network():
-    patch = auto_patch_size((300, 180, 24), depth=4, max_voxels=160 * 160 * 16)
+    patch = auto_patch_size((300, 180, 24), (8, 8, 8), max_voxels=160 * 160 * 16)
     assert all(v % 8 == 0 for v in patch) and np.prod(patch) <= 160 * 160 * 16
     assert patch == (200, 120, 16)  # the short slice axis keeps most of its size
-    assert auto_patch_size((10, 10, 3), depth=4) == (16, 16, 8)  # small: rounded up, padded
-    assert auto_patch_size((40, 40, 12), depth=3) == (40, 40, 12)
+    assert auto_patch_size((10, 10, 3), (8, 8, 8)) == (16, 16, 8)  # small: rounded up, padded
+    assert auto_patch_size((40, 40, 12), (4, 4, 4)) == (40, 40, 12)
+    # a stem strided in plane (depth 4): multiples of 16 in plane, 8 across the slices
+    strided = auto_patch_size((300, 180, 24), (16, 16, 8), max_voxels=160 * 160 * 16)
+    assert [v % f for v, f in zip(strided, (16, 16, 8), strict=True)] == [0, 0, 0]
+    assert np.prod(strided) <= 160 * 160 * 16
 
 
 # ---------------------------------------------------------------- spacing mode: patches
@@ -2689,3 +2787,30 @@ def test_gpu_check_runs_through_on_a_cpu(tmp_path, capsys):
     assert record["resume"] == {"bit_exact": True, "max_abs_difference": 0.0}
     text = gpu_check.table(record, "header")
     assert "resume continues bit-exactly" in text and "<- the pipeline's choice" in text
+
+
+@pytest.mark.parametrize("mode", ["grid", "spacing"])
+def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny_raw, mode):
+    """Strided stem, residual blocks and deep supervision train, validate every 2nd epoch (and
+    the last), checkpoint, and predict the test cases from their raw scans."""
+    import preprocess_script
+    import trainandtest_script
+
+    extra = SPACING_MODE if mode == "spacing" else {"training": {}}
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        preprocessing=extra.get("preprocessing", {}),
+        model={"stem_stride": "2, 2, 1", "residual": "true", "deep_supervision": "true"},
+        training={"epochs": 3, "val_every": 2, **extra["training"]},
+        testing={"figures": 0},
+    )
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    history = pd.read_csv(tmp_path / "run" / "metrics_epochs.csv")
+    assert history["val_loss"].notna().tolist() == [False, True, True]  # epochs 2 and 3
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best["epoch"] in (2, 3)
+    assert best["model_args"]["stem_stride"] == [2, 2, 1] and best["model_args"]["residual"]
+    summary = pd.read_csv(tmp_path / "run" / "test_summary.csv")
+    assert len(summary) == 3 and summary["n"].gt(0).all()

@@ -155,8 +155,20 @@ class SegmentationLoss(nn.Module):
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar."""
+    def forward(
+        self, logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar. A list of logits (deep
+        supervision: full resolution first, then coarser) gives nnU-Net's weighted sum: weights
+        1, 1/2, 1/4, ... normalised to 1, each against the target resampled (nearest) to its
+        size."""
+        if isinstance(logits, list):
+            weights = [0.5**i for i in range(len(logits))]
+            total = sum(weights)
+            loss = logits[0].new_zeros((), dtype=torch.float32)
+            for weight, level in zip(weights, logits, strict=True):
+                loss = loss + weight / total * self(level, resize_labels(target, level.shape[2:]))
+            return loss
         logits = logits.float()
         loss = logits.new_zeros(())
         if self.ce_weight:
@@ -170,6 +182,15 @@ class SegmentationLoss(nn.Module):
             dice = (2 * overlap + 1.0) / (total + 1.0)
             loss = loss + self.dice_weight * (1 - dice[:, 1:].mean())
         return loss
+
+
+def resize_labels(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Label volumes (B, D, H, W) int64 -> (B, *size) by nearest neighbour (the coarse targets
+    of deep supervision); unchanged when already that size."""
+    if tuple(target.shape[1:]) == tuple(size):
+        return target
+    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest-exact")
+    return resized[:, 0].long()
 
 
 def learning_rate_factor(epoch: int, epochs: int, warmup: int, schedule: str) -> float:
@@ -213,7 +234,8 @@ def run_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-            totals.add(loss, images.shape[0], logits.detach().argmax(1), masks, step)
+            full = logits[0] if isinstance(logits, list) else logits  # deep supervision
+            totals.add(loss, images.shape[0], full.detach().argmax(1), masks, step)
     return totals
 
 
@@ -359,7 +381,8 @@ def fit(
     dist_info: Distributed | None = None,
     progress: bool = True,
 ) -> Path:
-    """Train with AdamW; validate every epoch; keep checkpoints/best.pt and checkpoints/last.pt.
+    """Train with AdamW; validate every settings.val_every epochs and after the last; keep
+    checkpoints/best.pt (best validation Dice) and checkpoints/last.pt.
 
     train_rows/val_rows: manifest rows with out_image/out_mask columns; plan: the preprocessing
     plan of that data (plan.py): grid mode trains on whole volumes, spacing mode on patches
@@ -390,6 +413,9 @@ def fit(
         "base_channels": model_settings.base_channels,
         "depth": model_settings.depth,
         "norm": model_settings.norm,
+        "stem_stride": list(model_settings.stem_stride),
+        "residual": model_settings.residual,
+        "deep_supervision": model_settings.deep_supervision,
     }
     model, optimizer, scheduler = make_model_and_optimizer(
         model_args, model_settings.norm, settings, device, channels_last, dist_info
@@ -434,7 +460,8 @@ def fit(
         row = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
         scheduler.step()
         row |= _epoch_row("train", train_scores, class_names)
-        if data.n_val:
+        validate = data.n_val and (epoch % settings.val_every == 0 or epoch == settings.epochs)
+        if validate:
             val_totals = data.validate(
                 unwrapped(network),
                 loss_fn,
@@ -447,9 +474,10 @@ def fit(
         seconds = time.perf_counter() - started
         row |= {"seconds": seconds, "train_volumes_per_s": data.n_train / seconds}
         history.append(row)
-        score = row.get("val_dice_mean", row["train_dice_mean"])
-        improved = score > best_score or not data.n_val
-        best_score = max(best_score, score)
+        improved = not data.n_val  # without validation data the last epoch is the best
+        if validate:
+            improved = row["val_dice_mean"] > best_score
+            best_score = max(best_score, row["val_dice_mean"])
         state = {
             "format": CHECKPOINT_FORMAT,
             "model_args": model_args,
@@ -515,7 +543,8 @@ def resume(
     if not settings.resume or not last_path.is_file():
         return [], -math.inf, 1
     state = load_checkpoint(last_path)
-    if state["model_args"] != model_args or tuple(state["class_names"]) != class_names:
+    saved_args = UNet3D(**state["model_args"]).arguments  # older checkpoints: options' defaults
+    if saved_args != model_args or tuple(state["class_names"]) != class_names:
         raise ValueError(
             f"{last_path}: model {state['model_args']} / classes {state['class_names']} "
             "differ from the configuration: use a new output_dir or training.overwrite"

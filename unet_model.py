@@ -1,9 +1,24 @@
-"""3-D U-Net (Ronneberger/Cicek) returning logits.
+"""3-D U-Net (Ronneberger/Cicek) returning logits, with options that make it cheap where the
+voxels are many.
 
 Input  (batch, in_channels, slices, height, width) = (B, 1, D, H, W) float.
-Output (batch, num_classes, D, H, W) logits (no softmax).
-D, H and W must each be divisible by 2**(depth - 1). Channels per level are
-base_channels * 2**level; the default (32, depth 5) is the seed's 32-64-128-256-512.
+Output (batch, num_classes, D, H, W) logits (no softmax); in training mode with
+deep_supervision a list of them: full resolution first, then each coarser decoder level's.
+Channels per level are base_channels * 2**level; the default (32, depth 5) is the seed's
+32-64-128-256-512. Every size must be a multiple of size_multiple(depth, stem_stride).
+
+Options (all off by default: the seed's shape):
+- stem_stride (height, width, slices), e.g. (2, 2, 1): the first level's convolutions run at
+  that reduced resolution (a strided first convolution, as MONAI's UNet and nnU-Net's plans
+  do; 1 along an axis that is already coarse, such as 16 sagittal slices). Full-resolution
+  detail comes back through a light path: one convolution of the input with base / 2
+  channels, concatenated with the transposed-convolution upsampling of the first level's
+  output, then one more convolution before the head.
+- residual: each block is a residual unit (conv-norm-act-conv-norm, plus the input through a
+  1x1x1 projection where the width changes, then act), as nnU-Net's residual-encoder U-Net.
+- deep_supervision: a 1x1x1 head on each decoder level below the top too; in training mode the
+  forward returns all logits (train.SegmentationLoss weighs them as nnU-Net does); in eval mode
+  only the full-resolution ones.
 """
 
 from __future__ import annotations
@@ -12,6 +27,12 @@ import torch
 from torch import nn
 
 NORMS = ("instance", "batch", "group")
+
+
+def size_multiple(depth: int, stem_stride: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, ...]:
+    """What each input size (height, width, slices) must be a multiple of: the stem's stride
+    times 2**(depth - 1) for the max-poolings."""
+    return tuple(s * 2 ** (depth - 1) for s in stem_stride)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -42,23 +63,57 @@ class Conv3d(nn.Conv3d):
         return super().forward(x)
 
 
-class ConvBlock(nn.Sequential):
-    """(3x3x3 conv -> norm -> LeakyReLU) twice; keeps the spatial size."""
+def conv_norm(in_channels: int, out_channels: int, norm: str, stride=1) -> list[nn.Module]:
+    """3x3x3 convolution (stride: an int or per (D, H, W) axis) and its norm."""
+    return [
+        Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        make_norm(norm, out_channels),
+    ]
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str) -> None:
+
+class ConvBlock(nn.Sequential):
+    """(3x3x3 conv -> norm -> LeakyReLU) twice; keeps the spatial size, or reduces it by the
+    first convolution's stride."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, stride=1) -> None:
         super().__init__(
-            Conv3d(in_channels, out_channels, 3, padding=1, bias=False),
-            make_norm(norm, out_channels),
+            *conv_norm(in_channels, out_channels, norm, stride),
             nn.LeakyReLU(0.01, inplace=True),
-            Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
-            make_norm(norm, out_channels),
+            *conv_norm(out_channels, out_channels, norm),
             nn.LeakyReLU(0.01, inplace=True),
         )
 
 
+class ResidualBlock(nn.Module):
+    """act(conv-norm-act-conv-norm(x) + shortcut(x)); the shortcut is a strided 1x1x1
+    projection where the width or the size changes, else the identity."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, stride=1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_norm(in_channels, out_channels, norm, stride),
+            nn.LeakyReLU(0.01, inplace=True),
+            *conv_norm(out_channels, out_channels, norm),
+        )
+        changes = in_channels != out_channels or stride not in (1, (1, 1, 1))
+        self.shortcut = (
+            nn.Sequential(
+                Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
+                make_norm(norm, out_channels),
+            )
+            if changes
+            else nn.Identity()
+        )
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.body(x) + self.shortcut(x))
+
+
 class UNet3D(nn.Module):
-    """Encoder (conv blocks + 2x max-pooling), decoder (2x transposed conv, concatenated skip,
-    conv block), 1x1x1 head."""
+    """Encoder (blocks + 2x max-pooling), decoder (2x transposed conv, concatenated skip,
+    block), 1x1x1 head; optionally a strided stem with a light full-resolution path, residual
+    blocks and deep supervision (see the module docstring)."""
 
     def __init__(
         self,
@@ -67,21 +122,39 @@ class UNet3D(nn.Module):
         base_channels: int = 32,
         depth: int = 5,
         norm: str = "instance",
+        stem_stride: tuple[int, int, int] = (1, 1, 1),
+        residual: bool = False,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
+        stem_stride = tuple(int(s) for s in stem_stride)
+        if len(stem_stride) != 3 or any(s not in (1, 2) for s in stem_stride):
+            raise ValueError(f"stem_stride {stem_stride}: three values of 1 or 2 (H, W, slices)")
         self.arguments = {
             "in_channels": in_channels,
             "num_classes": num_classes,
             "base_channels": base_channels,
             "depth": depth,
             "norm": norm,
+            "stem_stride": list(stem_stride),
+            "residual": residual,
+            "deep_supervision": deep_supervision,
         }
+        block = ResidualBlock if residual else ConvBlock
         widths = [base_channels * 2**level for level in range(depth)]
+        stride = (
+            stem_stride[2],
+            stem_stride[0],
+            stem_stride[1],
+        )  # tensor order (D, H, W)
+        self.strided = stride != (1, 1, 1)
         self.encoders = nn.ModuleList(
-            ConvBlock(c_in, c_out, norm)
-            for c_in, c_out in zip([in_channels] + widths[:-1], widths, strict=True)
+            block(c_in, c_out, norm, stride if level == 0 else 1)
+            for level, (c_in, c_out) in enumerate(
+                zip([in_channels] + widths[:-1], widths, strict=True)
+            )
         )
         self.pool = nn.MaxPool3d(2)
         self.upsamplers = nn.ModuleList(
@@ -89,25 +162,61 @@ class UNet3D(nn.Module):
             for level in reversed(range(depth - 1))
         )
         self.decoders = nn.ModuleList(
-            ConvBlock(2 * widths[level], widths[level], norm)
-            for level in reversed(range(depth - 1))
+            block(2 * widths[level], widths[level], norm) for level in reversed(range(depth - 1))
         )
-        self.head = nn.Conv3d(widths[0], num_classes, 1)
+        top = widths[0]
+        if self.strided:  # the light full-resolution path
+            top = max(base_channels // 2, 1)
+            self.full_resolution = nn.Sequential(
+                *conv_norm(in_channels, top, norm), nn.LeakyReLU(0.01, inplace=True)
+            )
+            self.restore = nn.ConvTranspose3d(widths[0], top, stride, stride=stride)
+            self.fuse = nn.Sequential(*conv_norm(2 * top, top, norm), nn.LeakyReLU(0.01, True))
+        self.head = nn.Conv3d(top, num_classes, 1)
+        # deep supervision: the decoder levels below the one the full-resolution head reads
+        self.supervised = (
+            list(range(0 if self.strided else 1, depth - 1)) if deep_supervision else []
+        )
+        self.deep_heads = nn.ModuleList(
+            nn.Conv3d(widths[level], num_classes, 1) for level in self.supervised
+        )
 
     @property
-    def divisor(self) -> int:
-        return 2 ** (self.arguments["depth"] - 1)
+    def divisor(self) -> tuple[int, int, int]:
+        """size_multiple of this network, in tensor order (slices, height, width)."""
+        height, width, slices = size_multiple(
+            self.arguments["depth"], self.arguments["stem_stride"]
+        )
+        return slices, height, width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(size % self.divisor for size in x.shape[2:]):
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if any(size % d for size, d in zip(x.shape[2:], self.divisor, strict=True)):
             raise ValueError(
-                f"input grid {tuple(x.shape[2:])} is not divisible by {self.divisor} (2^(depth-1))"
+                f"input grid {tuple(x.shape[2:])} (slices, height, width) is not divisible by "
+                f"{self.divisor} (stem stride x 2^(depth-1))"
             )
+        image = x
         skips = []
         for level, encode in enumerate(self.encoders):
             x = encode(x if level == 0 else self.pool(x))
             skips.append(x)
         x = skips.pop()  # the bottleneck
-        for upsample, decode in zip(self.upsamplers, self.decoders, strict=True):
+        decoded = {}  # decoder level -> its output
+        for level, upsample, decode in zip(
+            reversed(range(len(self.decoders))),
+            self.upsamplers,
+            self.decoders,
+            strict=True,
+        ):
             x = decode(torch.cat([skips.pop(), upsample(x)], dim=1))
-        return self.head(x)
+            decoded[level] = x
+        if self.strided:
+            x = self.fuse(torch.cat([self.full_resolution(image), self.restore(x)], dim=1))
+        logits = self.head(x)
+        if not (self.training and self.supervised):
+            return logits
+        deep = [
+            head(decoded[level])
+            for level, head in zip(self.supervised, self.deep_heads, strict=True)
+        ]
+        return [logits, *deep]  # full resolution first, then coarser
