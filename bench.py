@@ -7,6 +7,8 @@
     python bench.py --demo        grid and model of --config: the shipped demo settings (CPU)
     python bench.py               full size: the seed's UNet3D 32-64-128-256-512 on the 256x128x32
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
+    python bench.py --profile --config FILE [--epochs N] [--minutes M] [--set KEY=VALUE]
+                                  where a training epoch's time goes (bench_profile.py)
     python bench.py --spacing --config FILE
                                   spacing mode only: training patches/s and seconds per scan of
                                   sliding-window inference with FILE's model, patch and spacing
@@ -68,13 +70,8 @@ from config import (
     target_spacing,
 )
 from devices import Distributed, configure_threads, fast_settings, pick_device
-from train import (
-    NonFiniteLossError,
-    SegmentationLoss,
-    build_model,
-    make_optimizer,
-    run_epoch,
-)
+from steps import SegmentationLoss, run_epoch
+from train import NonFiniteLossError, build_model, make_optimizer
 from training_data import ShardSampler, VolumeDataset, make_loader, read_volume
 from unet_model import UNet3D
 
@@ -227,7 +224,7 @@ def volumes_per_second(run: Run, one_epoch, volumes: int) -> float:
 
 
 def validation_dice(run: Run, network: nn.Module, val_set: VolumeDataset, fast: bool) -> float:
-    """Mean Dice over the foreground classes (train.run_epoch without an optimizer).
+    """Mean Dice over the foreground classes (steps.run_epoch without an optimizer).
 
     fast: evaluate as the pipeline trained (Run.fast_settings); else fp32 as the seed did.
     """
@@ -438,7 +435,7 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     Uses --config's model, [training] batch_size, patch_size (auto: 160 x 160 x 16 rounded to
     the network) and [preprocessing] target_spacing (auto: 1 mm). Training: patches.PatchVolumes
     over 8 synthetic volumes of 1.5 patches per axis, foreground-oversampled batches through
-    train.run_epoch with augmentation. Inference: test_unet.segment_scan (read excluded) of a
+    steps.run_epoch with augmentation. Inference: test_unet.segment_scan (read excluded) of a
     synthetic scan of a real slab's size and spacing, 512 x 640 x 24 at 0.47 x 0.47 x 0.9 mm
     (crop, resample to the target spacing, sliding window with [testing] overlap and tta_flip,
     probabilities back onto the scan; no instance step).
@@ -616,6 +613,20 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="only the spacing-mode row (patches/s, s/scan) with --config's settings",
     )
+    mode.add_argument(
+        "--profile",
+        action="store_true",
+        help="where a training epoch's time goes, for --config's setting (bench_profile.py)",
+    )
+    parser.add_argument("--minutes", type=float, default=30.0, help="--profile: steps in M min")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting of --config (as the drivers' --set)",
+    )
     parser.add_argument(
         "--inference-only",
         action="store_true",
@@ -630,7 +641,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
+    if args.profile:
+        import bench_profile
+
+        configure_threads(args.threads, 1)
+        with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
+            record = bench_profile.profile(config, args.epochs or 3, Path(folder))
+        size = record["patch_or_grid"]
+        record["step_costs"] = bench_profile.step_costs(config, size)
+        print(bench_profile.table(record, args.minutes))
+        print(json.dumps(record))
+        return 0
     preset = choose_preset(args, config)
     training = replace(
         config.training,
@@ -664,14 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             import gpu_check
 
             record["gpu_check"] = gpu_check.check(run, work)
-            header = (
-                f"bench gpu-check on {name}, torch {torch.__version__}: grid "
-                f"{'x'.join(map(str, preset.grid))} (HxWxD), UNet3D base "
-                f"{preset.model.base_channels} depth {preset.model.depth} {preset.model.norm} "
-                f"norm, {preset.volumes} volumes, batch {training.batch_size}, 1 warm-up + "
-                f"{preset.epochs} timed epochs"
-            )
-            print(gpu_check.table(record["gpu_check"], header))
+            print(gpu_check.table(record["gpu_check"], gpu_check.header(run, name)))
             print(json.dumps(record))
             return 0
         if args.spacing:

@@ -106,6 +106,17 @@ def check(run, work: Path) -> dict[str, object]:
     }
 
 
+def header(run, device_name: str) -> str:
+    """The table's first line: device, torch, sizes."""
+    preset, model = run.preset, run.preset.model
+    return (
+        f"bench gpu-check on {device_name}, torch {torch.__version__}: grid "
+        f"{'x'.join(map(str, preset.grid))} (HxWxD), UNet3D base {model.base_channels} depth "
+        f"{model.depth} {model.norm} norm, {preset.volumes} volumes, batch "
+        f"{run.training.batch_size}, 1 warm-up + {preset.epochs} timed epochs"
+    )
+
+
 def table(record: dict, header: str) -> str:
     """The --gpu-check table."""
     lines = [header]

@@ -46,6 +46,7 @@ from spider_metrics import (
     structure_of,
     summarise_spider,
 )
+from steps import SegmentationLoss, augment_batch, run_epoch
 from synthetic_spine import generate_dataset, synth_patient, write_case
 from test_unet import (
     Predictor,
@@ -54,14 +55,7 @@ from test_unet import (
     segment_scan,
     summarise,
 )
-from train import (
-    NonFiniteLossError,
-    SegmentationLoss,
-    augment_batch,
-    fit,
-    load_checkpoint,
-    patient_split,
-)
+from train import NonFiniteLossError, fit, load_checkpoint, patient_split
 from training_data import choose_cache
 from unet_model import Conv3d, UNet3D
 from vertebraeseg import (
@@ -2655,15 +2649,15 @@ def _validate_on_two_ranks(rank: int, folder: str) -> None:
     args = {"in_channels": 1, "num_classes": 3, "base_channels": 4, "depth": 2, "norm": "batch"}
     model = train.build_model(args, torch.device("cpu"), channels_last=False)
     network = torch.nn.parallel.DistributedDataParallel(model)
-    loss_fn = train.SegmentationLoss(3)
+    loss_fn = SegmentationLoss(3)
     generator = torch.Generator().manual_seed(rank)
     images = torch.randn(2, 1, 4, 8, 8, generator=generator)
     masks = torch.randint(0, 3, (2, 4, 8, 8), generator=generator)
     optimizer = torch.optim.AdamW(model.parameters())
-    train.run_epoch(network, [(images, masks)], loss_fn, torch.device("cpu"), optimizer)
+    run_epoch(network, [(images, masks)], loss_fn, torch.device("cpu"), optimizer)
     val_set = VolumeDataset.from_arrays(images[:1, 0].numpy(), masks[:1].numpy(), "cpu")
     loader = make_loader(val_set, ShardSampler(1, rank, 2), 1, 0)
-    totals = train.run_epoch(train.unwrapped(network), loader, loss_fn, torch.device("cpu"))
+    totals = run_epoch(train.unwrapped(network), loader, loss_fn, torch.device("cpu"))
     scores = totals.scores(Distributed(rank, 2, rank))
     Path(folder, f"rank{rank}.json").write_text(json.dumps({"loss": scores["loss"]}))
     dist.destroy_process_group()
@@ -2814,3 +2808,33 @@ def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny
     assert best["model_args"]["stem_stride"] == [2, 2, 1] and best["model_args"]["residual"]
     summary = pd.read_csv(tmp_path / "run" / "test_summary.csv")
     assert len(summary) == 3 and summary["n"].gt(0).all()
+
+
+@pytest.mark.parametrize("mode", ["grid", "spacing"])
+def test_bench_profile_splits_each_epoch_into_its_parts(tmp_path, tiny_raw, capsys, mode):
+    import bench
+    import bench_profile
+    import preprocess_script
+
+    extra = SPACING_MODE if mode == "spacing" else {"training": {}}
+    cfg = write_config(
+        tmp_path, tiny_raw, preprocessing=extra.get("preprocessing", {}), training=extra["training"]
+    )
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    capsys.readouterr()
+    assert bench.main(["--profile", "--config", str(cfg), "--epochs", "2", "--minutes", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert len(record["laps"]) == 2
+    for lap in record["laps"]:
+        parts = sum(lap.get(part, 0.0) for part in bench_profile.PARTS)
+        assert 0 < parts <= lap["total"] * 1.001
+        assert lap["forward"] > 0 and lap["backward"] > 0 and lap["validation"] > 0
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["epoch", "seconds"])
+    assert lines[header].split()[2] == "data"
+    assert [line.split()[0] for line in lines[header + 1 : header + 3]] == ["1", "2"]
+    assert "steps in 10 minutes on this machine" in lines[header + 3]
+    names = [row["network"] for row in record["step_costs"]]
+    assert names[:2] == ["UNet3D, seed shape", "UNet3D, this configuration"]
+    assert all(row["seconds"] > 0 for row in record["step_costs"])
+    assert not (tmp_path / "run").exists()  # a temporary run folder, not the configured one

@@ -1,9 +1,8 @@
-"""Training: patient-level split, augmentation, loss, train/validate loop, checkpoints.
+"""Training: patient-level split, the train/validate loop, checkpoints, resume.
 
-Tensors: images (batch, 1, slices, height, width) float32, masks (batch, slices, height, width)
-int64 class indices (PIR numpy order), whole grid volumes or patches (training_data.py).
-Runs single-process, or one process per GPU/CPU shard under torchrun (DistributedDataParallel,
-devices.Distributed); only rank 0 writes files.
+Data: training_data.py (grid volumes or patches); one pass over it, with augmentation and the
+loss: steps.py. Runs single-process, or one process per GPU/CPU shard under torchrun
+(DistributedDataParallel, devices.Distributed); only rank 0 writes files.
 `fit` reads top to bottom: set-up (data, model, resume), the epoch loop, checkpointing.
 """
 
@@ -17,17 +16,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atomic import atomic_path
 from config import ModelConfig, TrainingConfig
 from devices import Distributed, fast_settings, pick_device
-from metrics import EpochTotals
+from steps import SegmentationLoss, Stopwatch, run_epoch, timer
 from store_plot_metrics import plot_curves, write_csv
 from training_data import make_data
 from unet_model import UNet3D
@@ -85,114 +82,6 @@ def load_or_make_split(
     return patient_split(cases, val_fraction, test_fraction, seed)
 
 
-def augment_batch(
-    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random spatial + intensity augmentation of a batch, on its device.
-
-    Spatial: rotation in the sagittal plane (+-aug_rotation_deg), isotropic scaling
-    (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
-    flip. Images bilinear, masks nearest. Intensity: scale and shift (+-aug_intensity), gamma
-    (exp(+-aug_gamma)) on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise).
-    Random draws are made on the batch's device (no host round trip) with torch's global
-    generators, whose states the checkpoints save.
-    """
-    batch, device = images.shape[0], images.device
-    depth, height, width = images.shape[2:]
-
-    def uniform(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.rand(*shape, device=device) * 2 - 1) * scale
-
-    angle = uniform(batch, scale=math.radians(settings.aug_rotation_deg))
-    zoom = 1 + uniform(batch, scale=settings.aug_scale)
-    flip = torch.ones(batch, device=device)
-    if settings.aug_flip_lr:
-        flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
-    aspect = height / width  # normalised coordinates -> roughly physical in-plane ratio
-    zeros = torch.zeros(batch, device=device)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = (
-        torch.stack(
-            [
-                torch.stack([cos, -sin * aspect, zeros, zeros], 1),
-                torch.stack([sin / aspect, cos, zeros, zeros], 1),
-                torch.stack([zeros, zeros, flip, zeros], 1),
-            ],
-            1,
-        )
-        / zoom[:, None, None]
-    )
-    grid = F.affine_grid(theta, [batch, 1, depth, height, width], align_corners=False)
-    images = F.grid_sample(
-        images, grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    masks = F.grid_sample(
-        masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )[:, 0].to(masks.dtype)
-
-    shape = (batch, 1, 1, 1, 1)
-    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
-    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
-    gamma = torch.exp(uniform(*shape, scale=settings.aug_gamma))
-    images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
-    gain = 1 + uniform(*shape, scale=settings.aug_intensity)
-    offset = uniform(*shape, scale=settings.aug_intensity)
-    noise_std = torch.rand(shape, device=device) * settings.aug_noise
-    images = images * gain + offset + torch.randn_like(images) * noise_std
-    return images, masks
-
-
-class SegmentationLoss(nn.Module):
-    """ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice over foreground classes).
-
-    Soft Dice is computed per volume and averaged, so a batch split over ranks gives the same
-    loss as the whole batch in one process.
-    """
-
-    def __init__(self, num_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0):
-        super().__init__()
-        self.num_classes = num_classes
-        self.ce_weight = ce_weight
-        self.dice_weight = dice_weight
-
-    def forward(
-        self, logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor
-    ) -> torch.Tensor:
-        """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar. A list of logits (deep
-        supervision: full resolution first, then coarser) gives nnU-Net's weighted sum: weights
-        1, 1/2, 1/4, ... normalised to 1, each against the target resampled (nearest) to its
-        size."""
-        if isinstance(logits, list):
-            weights = [0.5**i for i in range(len(logits))]
-            total = sum(weights)
-            loss = logits[0].new_zeros((), dtype=torch.float32)
-            for weight, level in zip(weights, logits, strict=True):
-                loss = loss + weight / total * self(level, resize_labels(target, level.shape[2:]))
-            return loss
-        logits = logits.float()
-        loss = logits.new_zeros(())
-        if self.ce_weight:
-            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
-        if self.dice_weight:
-            probabilities = logits.softmax(dim=1)
-            one_hot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probabilities.dtype)
-            dims = (2, 3, 4)
-            overlap = (probabilities * one_hot).sum(dims)
-            total = probabilities.sum(dims) + one_hot.sum(dims)
-            dice = (2 * overlap + 1.0) / (total + 1.0)
-            loss = loss + self.dice_weight * (1 - dice[:, 1:].mean())
-        return loss
-
-
-def resize_labels(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Label volumes (B, D, H, W) int64 -> (B, *size) by nearest neighbour (the coarse targets
-    of deep supervision); unchanged when already that size."""
-    if tuple(target.shape[1:]) == tuple(size):
-        return target
-    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest-exact")
-    return resized[:, 0].long()
-
-
 def learning_rate_factor(epoch: int, epochs: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base learning rate for an epoch: linear warm-up, then cosine or flat."""
     if epoch < warmup:
@@ -201,42 +90,6 @@ def learning_rate_factor(epoch: int, epochs: int, warmup: int, schedule: str) ->
         return 1.0
     progress = (epoch - warmup) / max(1, epochs - warmup)
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def run_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    loss_fn: SegmentationLoss,
-    device: torch.device,
-    optimizer: torch.optim.Optimizer | None = None,
-    augmentation: TrainingConfig | None = None,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: str = "",
-) -> EpochTotals:
-    """One pass over `loader`: trains when an optimizer is given, else evaluates (no grad)."""
-    training = optimizer is not None
-    model.train(training)
-    totals = EpochTotals.zeros(loss_fn.num_classes, device)
-    with torch.set_grad_enabled(training):
-        bar = tqdm(loader, desc=progress, leave=False, disable=not progress, unit="batch")
-        for step, (images, masks) in enumerate(bar):
-            images = images.to(device, non_blocking=True)
-            masks = masks.to(device, non_blocking=True).long()
-            if augmentation is not None:
-                images, masks = augment_batch(images, masks, augmentation)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            loss = loss_fn(logits, masks)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            full = logits[0] if isinstance(logits, list) else logits  # deep supervision
-            totals.add(loss, images.shape[0], full.detach().argmax(1), masks, step)
-    return totals
 
 
 def build_model(model_args: dict, device: torch.device, channels_last: bool) -> UNet3D:
@@ -380,6 +233,7 @@ def fit(
     plan: dict,
     dist_info: Distributed | None = None,
     progress: bool = True,
+    clock: Stopwatch | None = None,
 ) -> Path:
     """Train with AdamW; validate every settings.val_every epochs and after the last; keep
     checkpoints/best.pt (best validation Dice) and checkpoints/last.pt.
@@ -390,6 +244,7 @@ def fit(
     checkpoints/last.pt when settings.resume is true and it exists. Writes (rank 0 only)
     metrics_epochs.csv and the curves each epoch. Returns the path of the best checkpoint.
     Raises NonFiniteLossError on a NaN/inf loss, keeping the last good checkpoint.
+    clock: a steps.Stopwatch that times each epoch's parts (bench.py --profile).
     """
     dist_info = dist_info or Distributed()
     device = pick_device(settings.device, dist_info.local_rank)
@@ -434,6 +289,7 @@ def fit(
         network = torch.compile(network)
     loss_fn = SegmentationLoss(len(class_names), settings.ce_weight, settings.dice_weight)
     show = progress and dist_info.is_main
+    part = timer(clock)
     epochs = range(start_epoch, settings.epochs + 1)
     for epoch in tqdm(
         epochs, desc="epochs", initial=start_epoch - 1, total=settings.epochs, disable=not show
@@ -449,6 +305,7 @@ def fit(
             amp_dtype,
             channels_last,
             f"train {epoch}" if show else "",
+            clock,
         ).scores(dist_info)
         if train_scores["first_bad_batch"] >= 0:
             raise NonFiniteLossError(
@@ -462,15 +319,16 @@ def fit(
         row |= _epoch_row("train", train_scores, class_names)
         validate = data.n_val and (epoch % settings.val_every == 0 or epoch == settings.epochs)
         if validate:
-            val_totals = data.validate(
-                unwrapped(network),
-                loss_fn,
-                device,
-                amp_dtype,
-                channels_last,
-                f"val {epoch}" if show else "",
-            )
-            row |= _epoch_row("val", val_totals.scores(dist_info), class_names)
+            with part("validation"):
+                val_totals = data.validate(
+                    unwrapped(network),
+                    loss_fn,
+                    device,
+                    amp_dtype,
+                    channels_last,
+                    f"val {epoch}" if show else "",
+                )
+                row |= _epoch_row("val", val_totals.scores(dist_info), class_names)
         seconds = time.perf_counter() - started
         row |= {"seconds": seconds, "train_volumes_per_s": data.n_train / seconds}
         history.append(row)
@@ -493,9 +351,12 @@ def fit(
             "plan": plan,
         }
         if dist_info.is_main:
-            save_epoch(state, run_dir, improved)
+            with part("checkpoint, CSV, plots"):
+                save_epoch(state, run_dir, improved)
             tqdm.write(epoch_line(row, settings.epochs))
         dist_info.barrier()
+        if clock is not None:
+            clock.lap(time.perf_counter() - started)
     return run_dir / "checkpoints" / "best.pt"
 
 

@@ -24,6 +24,7 @@ from config import TrainingConfig
 from devices import Distributed
 from metrics import EpochTotals
 from patches import PatchVolumes, model_predictor, window_probabilities
+from steps import run_epoch
 
 
 def volume_voxels(path: str | Path) -> int:
@@ -205,8 +206,6 @@ class GridData:
         return self.train_loader
 
     def validate(self, network, loss_fn, device, amp_dtype, channels_last, progress):
-        from train import run_epoch  # here: train.py imports this module
-
         return run_epoch(
             network,
             self.val_loader,

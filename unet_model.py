@@ -17,7 +17,7 @@ Options (all off by default: the seed's shape):
 - residual: each block is a residual unit (conv-norm-act-conv-norm, plus the input through a
   1x1x1 projection where the width changes, then act), as nnU-Net's residual-encoder U-Net.
 - deep_supervision: a 1x1x1 head on each decoder level below the top too; in training mode the
-  forward returns all logits (train.SegmentationLoss weighs them as nnU-Net does); in eval mode
+  forward returns all logits (steps.SegmentationLoss weighs them as nnU-Net does); in eval mode
   only the full-resolution ones.
 """
 

@@ -1,0 +1,220 @@
+"""One pass over the data: augmentation, the loss, the epoch loop, and its stopwatch.
+
+Tensors: images (batch, 1, slices, height, width) float32, masks (batch, slices, height, width)
+int64 class indices (PIR numpy order), whole grid volumes or patches (training_data.py).
+train.fit and training_data's validation both call run_epoch; this module imports neither.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from config import TrainingConfig
+from metrics import EpochTotals
+
+
+class Stopwatch:
+    """Wall seconds per named part of training, epoch by epoch (bench.py --profile).
+
+    `with clock("forward"): ...` adds the block's seconds to that part; on CUDA the device is
+    synchronised at both ends, so that queued kernels count in the part that launched them.
+    `lap(seconds)` closes an epoch: its parts and its total go to `laps`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.current: dict[str, float] = defaultdict(float)
+        self.laps: list[dict[str, float]] = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.current[part] += time.perf_counter() - started
+
+    def lap(self, seconds: float) -> None:
+        self.laps.append({**self.current, "total": seconds})
+        self.current = defaultdict(float)
+
+
+def timer(clock: Stopwatch | None):
+    """clock, or a stand-in whose parts time nothing."""
+    return clock if clock is not None else (lambda part: nullcontext())
+
+
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random spatial + intensity augmentation of a batch, on its device.
+
+    Spatial: rotation in the sagittal plane (+-aug_rotation_deg), isotropic scaling
+    (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
+    flip. Images bilinear, masks nearest. Intensity: scale and shift (+-aug_intensity), gamma
+    (exp(+-aug_gamma)) on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise).
+    Random draws are made on the batch's device (no host round trip) with torch's global
+    generators, whose states the checkpoints save.
+    """
+    batch, device = images.shape[0], images.device
+    depth, height, width = images.shape[2:]
+
+    def uniform(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.rand(*shape, device=device) * 2 - 1) * scale
+
+    angle = uniform(batch, scale=math.radians(settings.aug_rotation_deg))
+    zoom = 1 + uniform(batch, scale=settings.aug_scale)
+    flip = torch.ones(batch, device=device)
+    if settings.aug_flip_lr:
+        flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
+    aspect = height / width  # normalised coordinates -> roughly physical in-plane ratio
+    zeros = torch.zeros(batch, device=device)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = (
+        torch.stack(
+            [
+                torch.stack([cos, -sin * aspect, zeros, zeros], 1),
+                torch.stack([sin / aspect, cos, zeros, zeros], 1),
+                torch.stack([zeros, zeros, flip, zeros], 1),
+            ],
+            1,
+        )
+        / zoom[:, None, None]
+    )
+    grid = F.affine_grid(theta, [batch, 1, depth, height, width], align_corners=False)
+    images = F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    masks = F.grid_sample(
+        masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[:, 0].to(masks.dtype)
+
+    shape = (batch, 1, 1, 1, 1)
+    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
+    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
+    gamma = torch.exp(uniform(*shape, scale=settings.aug_gamma))
+    images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
+    gain = 1 + uniform(*shape, scale=settings.aug_intensity)
+    offset = uniform(*shape, scale=settings.aug_intensity)
+    noise_std = torch.rand(shape, device=device) * settings.aug_noise
+    images = images * gain + offset + torch.randn_like(images) * noise_std
+    return images, masks
+
+
+class SegmentationLoss(nn.Module):
+    """ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice over foreground classes).
+
+    Soft Dice is computed per volume and averaged, so a batch split over ranks gives the same
+    loss as the whole batch in one process.
+    """
+
+    def __init__(self, num_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ce_weight = ce_weight
+        self.dice_weight = dice_weight
+
+    def forward(
+        self, logits: torch.Tensor | list[torch.Tensor], target: torch.Tensor
+    ) -> torch.Tensor:
+        """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar. A list of logits (deep
+        supervision: full resolution first, then coarser) gives nnU-Net's weighted sum: weights
+        1, 1/2, 1/4, ... normalised to 1, each against the target resampled (nearest) to its
+        size."""
+        if isinstance(logits, list):
+            weights = [0.5**i for i in range(len(logits))]
+            total = sum(weights)
+            loss = logits[0].new_zeros((), dtype=torch.float32)
+            for weight, level in zip(weights, logits, strict=True):
+                loss = loss + weight / total * self(level, resize_labels(target, level.shape[2:]))
+            return loss
+        logits = logits.float()
+        loss = logits.new_zeros(())
+        if self.ce_weight:
+            loss = loss + self.ce_weight * F.cross_entropy(logits, target)
+        if self.dice_weight:
+            probabilities = logits.softmax(dim=1)
+            one_hot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probabilities.dtype)
+            dims = (2, 3, 4)
+            overlap = (probabilities * one_hot).sum(dims)
+            total = probabilities.sum(dims) + one_hot.sum(dims)
+            dice = (2 * overlap + 1.0) / (total + 1.0)
+            loss = loss + self.dice_weight * (1 - dice[:, 1:].mean())
+        return loss
+
+
+def resize_labels(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Label volumes (B, D, H, W) int64 -> (B, *size) by nearest neighbour (the coarse targets
+    of deep supervision); unchanged when already that size."""
+    if tuple(target.shape[1:]) == tuple(size):
+        return target
+    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest-exact")
+    return resized[:, 0].long()
+
+
+def run_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: SegmentationLoss,
+    device: torch.device,
+    optimizer: torch.optim.Optimizer | None = None,
+    augmentation: TrainingConfig | None = None,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: str = "",
+    clock: Stopwatch | None = None,
+) -> EpochTotals:
+    """One pass over `loader`: trains when an optimizer is given, else evaluates (no grad).
+    clock: a Stopwatch that times data, augmentation, forward, loss, backward, optimizer step
+    and metrics."""
+    training = optimizer is not None
+    part = timer(clock)
+    model.train(training)
+    totals = EpochTotals.zeros(loss_fn.num_classes, device)
+    with torch.set_grad_enabled(training):
+        bar = tqdm(loader, desc=progress, leave=False, disable=not progress, unit="batch")
+        batches = iter(bar)
+        for step in itertools.count():
+            with part("data"):  # loading, or drawing patches: the loader's own work
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images = batch[0].to(device, non_blocking=True)
+                masks = batch[1].to(device, non_blocking=True).long()
+            with part("augmentation"):
+                if augmentation is not None:
+                    images, masks = augment_batch(images, masks, augmentation)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last_3d)
+            with part("forward"):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = model(images)
+            with part("loss"):
+                loss = loss_fn(logits, masks)
+            if training:
+                with part("backward"):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                with part("optimizer step"):
+                    optimizer.step()
+            with part("metrics"):
+                full = logits[0] if isinstance(logits, list) else logits  # deep supervision
+                totals.add(loss, images.shape[0], full.detach().argmax(1), masks, step)
+    return totals
