@@ -9,6 +9,8 @@
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
     python bench.py --profile --config FILE [--epochs N] [--minutes M] [--set KEY=VALUE]
                                   where a training epoch's time goes (bench_profile.py)
+    python bench.py --peer --minutes M --config FILE [--split-seed S]
+                                  FILE's setting beside a plain MONAI script (bench_peer.py)
     python bench.py --spacing --config FILE
                                   spacing mode only: training patches/s and seconds per scan of
                                   sliding-window inference with FILE's model, patch and spacing
@@ -614,6 +616,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="only the spacing-mode row (patches/s, s/scan) with --config's settings",
     )
     mode.add_argument(
+        "--peer",
+        action="store_true",
+        help="--config's setting beside a plain MONAI script, --minutes each (bench_peer.py)",
+    )
+    parser.add_argument("--split-seed", type=int, help="--peer: default [training] split_seed")
+    mode.add_argument(
         "--profile",
         action="store_true",
         help="where a training epoch's time goes, for --config's setting (bench_profile.py)",
@@ -642,6 +650,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     config = load_config(args.config, args.overrides)
+    if args.peer:
+        import bench_peer
+
+        seed = config.training.split_seed if args.split_seed is None else args.split_seed
+        configure_threads(args.threads, 1)
+        with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
+            record = bench_peer.compare(
+                config, args.config, args.overrides, seed, args.minutes, Path(folder)
+            )
+        print(bench_peer.table(record, config.labels.class_names))
+        print(json.dumps(record))
+        return 0
     if args.profile:
         import bench_profile
 

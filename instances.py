@@ -748,6 +748,7 @@ def number_levels(
         notes.append("no disc below the lowest vertebra: it is called L5 (L5/S1 disc not found)")
     position = 1 if kinds[0] == "disc" else 2  # half-levels: 2k = vertebra k, 2k - 1 = disc k
     positions = [position]
+    gaps = []  # (half-level below, half-level above) with structures missing between them
     for step, previous, kind in zip(np.diff(heights), kinds, kinds[1:], strict=False):
         s = step / half
         if kind != previous:  # an odd number of half-levels: 1, 3, ...
@@ -755,11 +756,7 @@ def number_levels(
         else:  # an even number: 0 (a piece of the same level), 2, ...
             move = 2 * int(np.floor(s / 2 + 0.5)) if s >= 1 else 0
         if move > 1 and vertebrae and discs:
-            missing = [_half_level_name(q) for q in range(position + 1, position + move)]
-            notes.append(
-                f"not found between {_half_level_name(position)} and "
-                f"{_half_level_name(position + move)}: {', '.join(missing)}"
-            )
+            gaps.append((position, position + move))
         position += move
         positions.append(position)
     vertebra_numbers = {
@@ -781,6 +778,14 @@ def number_levels(
         else:
             q = float(np.interp(height, heights, positions))
         disc_numbers[i] = max(1, int(np.floor((q + 1) / 2 + 0.5)))  # the nearest disc, 2k - 1
+    found = {2 * k - 1 for k in disc_numbers.values()}  # a piece may fill a disc's gap
+    for below, above in gaps:
+        missing = [_half_level_name(q) for q in range(below + 1, above) if q not in found]
+        if missing:
+            notes.append(
+                f"not found between {_half_level_name(below)} and {_half_level_name(above)}: "
+                f"{', '.join(missing)}"
+            )
     return vertebra_numbers, disc_numbers, notes
 
 

@@ -969,6 +969,15 @@ def test_number_levels_from_heights():
     numbers, disc_numbers, notes = number_levels(vertebrae, discs, {11: 12.0, 12: 20.0, 13: -9.0})
     assert numbers == {1: 1, 2: 2, 3: 3} and notes == []
     assert disc_numbers == {7: 1, 8: 2, 9: 3, 11: 1, 12: 2, 13: 1}
+    # a level whose disc is only a small piece is not reported as missing
+    assert number_levels(vertebrae, {7: 0.0, 8: 30.0})[2] == [
+        "not found between L4 and L3: L3/L4 disc"
+    ]
+    assert number_levels(vertebrae, {7: 0.0, 8: 30.0}, {9: 61.0}) == (
+        {1: 1, 2: 2, 3: 3},
+        {7: 1, 8: 2, 9: 3},
+        [],
+    )
 
 
 def test_instances_script_on_saved_masks(tmp_path):
@@ -2838,3 +2847,27 @@ def test_bench_profile_splits_each_epoch_into_its_parts(tmp_path, tiny_raw, caps
     assert names[:2] == ["UNet3D, seed shape", "UNet3D, this configuration"]
     assert all(row["seconds"] > 0 for row in record["step_costs"])
     assert not (tmp_path / "run").exists()  # a temporary run folder, not the configured one
+
+
+def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
+    """bench.py --peer's two systems on the same patients, at a tiny size and budget."""
+    pytest.importorskip(
+        "monai", reason="MONAI is a benchmark-only dependency (requirements-bench.txt)"
+    )
+    import bench_peer
+    import preprocess_script
+
+    cfg = write_config(tmp_path, tiny_raw, testing={"figures": 0})
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    config = load_config(cfg)
+    record = bench_peer.compare(
+        config, cfg, [], 0, 0.05, tmp_path / "work", patch=(16, 32, 32), spacing="3, 3, 3"
+    )
+    assert [s["system"] for s in record["systems"]] == ["project", "MONAI peer"]
+    for system in record["systems"]:
+        assert system["steps"] > 0 and system["seconds_per_scan"] > 0
+        for name in config.labels.class_names[1:]:
+            assert 0.0 <= system[f"{name}_dice"] <= 1.0
+    assert record["systems"][1]["training_minutes"] == pytest.approx(0.05, abs=0.05)
+    text = bench_peer.table(record, config.labels.class_names)
+    assert "MONAI peer" in text and "patches/s" in text

@@ -1,0 +1,213 @@
+"""The project beside a plain MONAI script, on the same patients: `python bench.py --peer
+--minutes M --config FILE [--split-seed S]` (MONAI: requirements-bench.txt).
+
+Two systems, trained on the same training patients and scored on the same test patients,
+each test scan predicted from its raw file and scored in its own geometry (Dice, HD95, ASSD
+per structure, test_unet.case_metrics):
+- the project: FILE's setting as it is (trainandtest_script on FILE's preprocessed data, run
+  folder WORK/project), its epochs fixed by FILE (set them so that training fits M minutes:
+  `bench.py --profile` says how many steps do);
+- the peer (issue 18's recipe): monai.networks.nets.UNet(3-D, channels 16-32-64-128-256,
+  strides 2, 2, 2, 2, 2 residual units), DiceCELoss (softmax, one-hot targets), AdamW (lr 2e-3,
+  weight decay 1e-4) with a cosine schedule over the M-minute budget, batches of 2 random
+  16 x 160 x 160 patches (slices, S-I, A-P) at 0.94 x 0.94 x 0.9 mm, a third of them centred on
+  a random foreground voxel, left-right flips only, no crop, a z-score per volume, no
+  validation; inference by monai.inferers.sliding_window_inference (overlap 0.5, Gaussian).
+  Its data path (reorientation, resampling, probabilities back onto the scan) is the project's
+  spacing-mode geometry (vertebraeseg.to_grid with crop off, grid_to_scan), so that only the
+  recipe differs.
+Prints one table, a row per system: Dice, HD95 and ASSD per structure (mean over the test
+cases), training minutes, optimizer steps, training patches/s and seconds per scan; and one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+import torch
+
+PEER_SPACING = "0.94, 0.94, 0.9"  # mm: S-I, A-P, slices
+PEER_PATCH = (16, 160, 160)  # slices, S-I, A-P
+PEER_BATCH = 2
+
+
+def peer_network(classes: int):
+    from monai.networks.nets import UNet
+
+    from bench_profile import PEER_UNET
+
+    return UNet(out_channels=classes, **PEER_UNET)
+
+
+def peer_case(scan: sitk.Image, labels: sitk.Image | None, preprocessing, spacing: str):
+    """The peer's view of a scan (and its class-index labels, or None): the whole field of
+    view, PIR, z-scored, at `spacing` (mm: S-I, A-P, slices; vertebraeseg.to_grid with the
+    crop off)."""
+    from vertebraeseg import CANONICAL, to_grid
+
+    settings = replace(preprocessing, mode="spacing", target_spacing=spacing, crop=False)
+    oriented = None if labels is None else sitk.DICOMOrient(labels, CANONICAL)
+    return to_grid(sitk.DICOMOrient(scan, CANONICAL), oriented, settings)
+
+
+def train_peer(volumes, classes: int, minutes: float, patch, seed: int) -> tuple[object, int]:
+    """The peer's training loop for `minutes` of wall time: (network, optimizer steps).
+    volumes: (image (1, D, H, W), mask (D, H, W)) tensors, padded to at least the patch."""
+    from monai.losses import DiceCELoss
+
+    from patches import foreground_index, sample_batch
+
+    torch.manual_seed(seed)
+    network = peer_network(classes)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
+    foreground = [foreground_index(mask) for _, mask in volumes]
+    generator = torch.Generator().manual_seed(seed)
+    budget, started, steps = minutes * 60.0, time.perf_counter(), 0
+    network.train()
+    while (elapsed := time.perf_counter() - started) < budget:
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        images, masks = sample_batch(volumes, PEER_BATCH, patch, 1 / 3, generator, foreground)
+        flip = torch.rand(PEER_BATCH, generator=generator) < 0.5  # left-right: the slice axis
+        images[flip], masks[flip] = images[flip].flip(2), masks[flip].flip(1)
+        loss = loss_fn(network(images), masks[:, None].long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    return network, steps
+
+
+@torch.no_grad()
+def predict_peer(network, scan: sitk.Image, preprocessing, patch, spacing: str) -> sitk.Image:
+    """A raw scan -> class indices on the scan (sliding window, probabilities mapped back)."""
+    from monai.inferers import sliding_window_inference
+
+    from vertebraeseg import grid_to_scan
+
+    grid = peer_case(scan, None, preprocessing, spacing)
+    image = torch.from_numpy(sitk.GetArrayFromImage(grid.image).astype(np.float32))[None, None]
+    network.eval()
+    logits = sliding_window_inference(image, patch, PEER_BATCH, network, 0.5, mode="gaussian")
+    return grid_to_scan(logits[0].softmax(0).numpy(), grid.image, scan)
+
+
+def scores(rows: list[dict]) -> dict[str, float]:
+    """Mean Dice, HD95, ASSD per class over the cases."""
+    table = pd.DataFrame(rows)
+    means = table.groupby("class")[["dice", "hd95_mm", "assd_mm"]].mean()
+    return {f"{c}_{m}": float(means.loc[c, m]) for c in means.index for m in means.columns}
+
+
+def compare(
+    config,
+    config_path: Path,
+    overrides: list[str],
+    split_seed: int,
+    minutes: float,
+    work: Path,
+    patch: tuple[int, int, int] = PEER_PATCH,
+    spacing: str = PEER_SPACING,
+) -> dict[str, object]:
+    """Train and test both systems; returns the record (see the module docstring). config:
+    load_config(config_path, overrides); patch (slices, S-I, A-P) and spacing: the peer's."""
+    import trainandtest_script
+    from patches import pad_to_patch
+    from plan import plan_lookup, read_plan
+    from test_unet import Predictor, case_metrics, read_reference, segment_scan
+    from train import load_checkpoint
+
+    run_dir = work / "project"
+    args = ["--config", str(config_path)] + [f"--set={o}" for o in overrides]
+    args += ["--set", f"training.split_seed={split_seed}"]
+    args += ["--set", f"paths.output_dir={run_dir}", "--set", "testing.figures=0"]
+    if trainandtest_script.main(args) != 0:
+        raise RuntimeError("the project's run failed")
+    history = pd.read_csv(run_dir / "metrics_epochs.csv")
+    split = pd.read_csv(run_dir / "splits.csv", dtype=str)
+    manifest = trainandtest_script.read_manifest(config.paths.preprocessed_dir)
+    lookup = plan_lookup(read_plan(config.paths.preprocessed_dir))
+    class_names = config.labels.class_names
+    rows = {
+        name: manifest[manifest["case_id"].isin(split.loc[split["split"] == name, "case_id"])]
+        for name in ("train", "test")
+    }
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    steps_per_epoch = config.training.steps_per_epoch or math.ceil(
+        len(rows["train"]) / config.training.batch_size
+    )
+    project = {
+        "system": "project",
+        "training_minutes": float(history["seconds"].sum()) / 60,
+        "steps": int(len(history) * steps_per_epoch),
+        "batch_size": config.training.batch_size,
+    }
+    volumes = []
+    for case in rows["train"].itertuples():
+        scan, reference, _ = read_reference(Path(case.image_path), Path(case.mask_path), lookup)
+        grid = peer_case(scan, reference, config.preprocessing, spacing)
+        image = torch.from_numpy(sitk.GetArrayFromImage(grid.image).astype(np.float32))[None]
+        mask = torch.from_numpy(sitk.GetArrayFromImage(grid.mask).astype(np.uint8))
+        image, mask, _ = pad_to_patch(image, mask, patch, float(image.min()))
+        volumes.append((image, mask))
+    started = time.perf_counter()
+    network, steps = train_peer(volumes, len(class_names), minutes, patch, split_seed)
+    peer = {
+        "system": "MONAI peer",
+        "training_minutes": (time.perf_counter() - started) / 60,
+        "steps": steps,
+        "batch_size": PEER_BATCH,
+    }
+    predictor = Predictor.from_checkpoint(state, torch.device("cpu"))
+    metric_rows = {"project": [], "MONAI peer": []}
+    seconds = {"project": [], "MONAI peer": []}
+    for case in rows["test"].itertuples():
+        scan, reference, _ = read_reference(Path(case.image_path), Path(case.mask_path), lookup)
+        for name, predict in (
+            ("project", lambda s: segment_scan(predictor, s).classes),
+            (
+                "MONAI peer",
+                lambda s: predict_peer(network, s, config.preprocessing, patch, spacing),
+            ),
+        ):
+            clock = time.perf_counter()
+            prediction = predict(scan)
+            seconds[name].append(time.perf_counter() - clock)
+            metric_rows[name] += case_metrics(prediction, reference, class_names)
+    records = []
+    for system in (project, peer):
+        name = system["system"]
+        system["patches_per_s"] = (
+            system["steps"] * system["batch_size"] / (60 * system["training_minutes"])
+        )
+        system["seconds_per_scan"] = float(np.mean(seconds[name]))
+        records.append(system | scores(metric_rows[name]))
+    return {"split_seed": split_seed, "test_cases": len(rows["test"]), "systems": records}
+
+
+def table(record: dict, class_names: tuple[str, ...]) -> str:
+    """One row per system."""
+    names = class_names[1:]
+    lines = [
+        f"split seed {record['split_seed']}, {record['test_cases']} test cases; per structure "
+        f"({', '.join(names)}): Dice / HD95 mm / ASSD mm"
+    ]
+    for system in record["systems"]:
+        per = "  ".join(
+            f"{system[f'{n}_dice']:.3f}/{system[f'{n}_hd95_mm']:.1f}/{system[f'{n}_assd_mm']:.2f}"
+            for n in names
+        )
+        lines.append(
+            f"  {system['system']:<11} {per}  {system['training_minutes']:.1f} min, "
+            f"{system['steps']} steps, {system['patches_per_s']:.2f} patches/s, "
+            f"{system['seconds_per_scan']:.1f} s/scan"
+        )
+    return "\n".join(lines)
