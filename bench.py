@@ -499,7 +499,7 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
         "patch_size": list(patch),
     }
     testing = replace(config.testing, instances=False)  # the segmentation alone
-    predictor = Predictor(model.eval(), plan, device, training.precision, testing)
+    predictor = Predictor((model.eval(),), plan, device, training.precision, testing)
     timings = []
     for _ in range(3):
         start = time.perf_counter()

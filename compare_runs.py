@@ -7,8 +7,10 @@ metrics_epochs.csv and test_summary.csv. Runs whose configurations are equal exc
 [training] split_seed / seed and settings that do not change the result (threads, resume, ...)
 form one setting; each setting gets one row per run and a "mean" row. Columns: mode, split
 seed, training minutes (the sum of the epochs' seconds, validation included), and per class the
-test Dice, HD95 (mm) and ASSD (mm) means of test_summary.csv. Used for the README's comparison
-of the grid and the spacing mode over two split seeds.
+test Dice, HD95 (mm) and ASSD (mm) means of test_summary.csv. A cross-validated run folder
+([training] folds) gives its cross-validation means (cv_summary.csv) with the Dice sd per class,
+and the training minutes of all folds. Used for the README's comparison of the grid and the
+spacing mode over two split seeds.
 """
 
 from __future__ import annotations
@@ -38,8 +40,33 @@ def setting_of(run_config: dict) -> str:
     return json.dumps(kept, sort_keys=True)
 
 
+def read_cv_run(run_dir: Path) -> dict[str, object]:
+    """A cross-validated run folder (folds.csv, fold_*/, cv_summary.csv) as a flat row: the
+    cross-validation means and their sd per class, training minutes summed over the folds."""
+    summary = pd.read_csv(run_dir / "cv_summary.csv").set_index("class")
+    run_config = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+    epochs = [pd.read_csv(f) for f in sorted(run_dir.glob("fold_*/metrics_epochs.csv"))]
+    row: dict[str, object] = {
+        "run": f"{run_dir} (cross-validation, {int(summary['n'].max())} cases)",
+        "setting": setting_of(run_config),
+        "mode": run_config["preprocessing"].get("mode", "grid"),
+        "split_seed": run_config["training"]["split_seed"],
+        "epochs": int(max(e["epoch"].max() for e in epochs)),
+        "train_min": float(sum(e["seconds"].sum() for e in epochs)) / 60.0,
+    }
+    for column, name in MEASURES:
+        for class_name, value in summary[column].items():
+            row[f"{name} {class_name}"] = float(value)
+    for class_name, value in summary["dice_std"].items():
+        row[f"Dice sd {class_name}"] = float(value)
+    return row
+
+
 def read_run(run_dir: Path) -> dict[str, object]:
-    """One run folder as a flat row: mode, seeds, training minutes and the test summary."""
+    """One run folder as a flat row: mode, seeds, training minutes and the test summary (a
+    cross-validated folder: read_cv_run)."""
+    if (run_dir / "cv_summary.csv").is_file():
+        return read_cv_run(run_dir)
     files = [run_dir / RUN_RECORD, run_dir / "metrics_epochs.csv", run_dir / "test_summary.csv"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

@@ -136,6 +136,8 @@ class TrainingConfig:
     foreground_fraction: float = 0.33
     steps_per_epoch: int = 0
     val_every: int = 1
+    folds: int = 0
+    fold: str = "all"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class TestingConfig:
     figures: int = 4
     instances: bool = False
     min_instance_mm3: float = 100.0
+    ensemble: bool = False
     overlap: float = 0.5
     tta_flip: bool = False
     min_component_mm3: float = 0.0
@@ -385,6 +388,13 @@ def _check(config: Config) -> None:
     for key in ("min_instance_mm3", "min_component_mm3"):
         if getattr(config.testing, key) < 0:
             raise ConfigError(f"[testing] {key} = {getattr(config.testing, key)}: must be >= 0")
+    if t.folds == 1 or t.folds < 0:
+        raise ConfigError(f"[training] folds = {t.folds}: 0 (off) or at least 2")
+    if t.fold != "all" and not (t.fold.isdigit() and int(t.fold) < max(t.folds, 1)):
+        raise ConfigError(
+            f"[training] fold = {t.fold!r}: all, or a fold number 0..{max(t.folds, 1) - 1} "
+            f"([training] folds = {t.folds})"
+        )
     if t.steps_per_epoch < 0:
         raise ConfigError(f"[training] steps_per_epoch = {t.steps_per_epoch}: must be >= 0")
     target_spacing(p.target_spacing)

@@ -2,6 +2,12 @@
 
     python predict_script.py --checkpoint RUN/checkpoints/best.pt INPUT [INPUT ...] \
         --output-dir DIR [--instances]
+    python predict_script.py --checkpoint A.pt B.pt ... (or CV_RUN_DIR) INPUT ... --output-dir DIR
+
+Several checkpoints (or a cross-validated run folder: every fold_*/checkpoints/best.pt in it)
+predict as an ensemble: the mean of their class probabilities on the scan's grid, then the
+arg-max, then the instance step once; checkpoints whose plans or class names differ are
+refused with the key and both values. The outputs are named as for one model.
 
 INPUT: any 3-D scalar image SimpleITK reads (.mha, .nii.gz, .nrrd, ...), in any orientation,
 or a folder holding one DICOM series (read with SimpleITK's series reader; a folder with no
@@ -31,7 +37,7 @@ from tqdm import tqdm
 from devices import configure_threads, pick_device
 from instances import level_note
 from store_plot_metrics import write_csv
-from test_unet import Predictor, segment_scan, testing_from_checkpoint
+from test_unet import Predictor, check_same_plans, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
 from vertebraeseg import CaseError, read_scan, split_suffix
 
@@ -71,11 +77,35 @@ def read_input(path: Path) -> sitk.Image:
     return read_scan(path, "input")
 
 
+def checkpoint_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """--checkpoint's values -> (checkpoint files, the scans that argparse took along).
+    A .pt file is a checkpoint; a cross-validated run folder gives every
+    fold_*/checkpoints/best.pt in it, a run folder its checkpoints/best.pt; the first value
+    that is none of these and everything after it are input scans."""
+    checkpoints: list[Path] = []
+    for position, path in enumerate(paths):
+        if path.suffix == ".pt":
+            checkpoints.append(path)
+        elif path.is_dir() and sorted(path.glob("fold_*/checkpoints/best.pt")):
+            checkpoints += sorted(path.glob("fold_*/checkpoints/best.pt"))
+        elif path.is_dir() and (path / "checkpoints" / "best.pt").is_file():
+            checkpoints.append(path / "checkpoints" / "best.pt")
+        else:
+            return checkpoints, list(paths[position:])
+    return checkpoints, []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/best.pt")
     parser.add_argument(
-        "inputs", type=Path, nargs="+", metavar="INPUT", help="scans or DICOM series folders"
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="RUN/checkpoints/best.pt; several, or a cross-validated run folder: an ensemble",
+    )
+    parser.add_argument(
+        "inputs", type=Path, nargs="*", metavar="INPUT", help="scans or DICOM series folders"
     )
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the masks")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -97,9 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         "[testing] min_instance_mm3)",
     )
     args = parser.parse_args(argv)
+    checkpoints, inputs = checkpoint_files(args.checkpoint)
+    inputs += args.inputs
+    if not inputs:
+        parser.error("no INPUT scan given")
     configure_threads(0, 1)
     try:
-        state = load_checkpoint(args.checkpoint)
+        if not checkpoints:
+            raise FileNotFoundError(f"no checkpoint in {', '.join(map(str, args.checkpoint))}")
+        states = [load_checkpoint(path) for path in checkpoints]
+        check_same_plans(states, [str(path) for path in checkpoints])
+        state = states[0]
         testing = testing_from_checkpoint(state)  # overlap, TTA, post-processing of the run
         testing = replace(
             testing,
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 testing.min_instance_mm3 if args.min_instance_mm3 is None else args.min_instance_mm3
             ),
         )
-        predictor = Predictor.from_checkpoint(state, pick_device(args.device), testing)
+        predictor = Predictor.from_checkpoint(states, pick_device(args.device), testing)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -119,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_csv(classes, args.output_dir / "classes.csv")
     failed = 0
-    for path in tqdm(args.inputs, desc="predict", unit="scan", disable=not sys.stderr.isatty()):
+    if len(states) > 1:
+        print(f"ensemble of {len(states)} models: {', '.join(map(str, checkpoints))}")
+    for path in tqdm(inputs, desc="predict", unit="scan", disable=not sys.stderr.isatty()):
         try:
             segmentation = segment_scan(predictor, read_input(path))
         except (CaseError, OSError) as err:

@@ -169,36 +169,60 @@ def testing_from_checkpoint(state: dict) -> TestingConfig:
 
 @dataclass(frozen=True)
 class Predictor:
-    """Everything that turns a raw scan into masks: the network, the plan its data were made
-    with, the device and precision, and the [testing] settings of the way back (probabilities
-    or labels, sliding-window overlap, flip TTA, small-component removal, the instance step)."""
+    """Everything that turns a raw scan into masks: the network (or the members of an ensemble,
+    whose class probabilities are averaged), the plan its data were made with, the device and
+    precision, and the [testing] settings of the way back (probabilities or labels,
+    sliding-window overlap, flip TTA, small-component removal, the instance step)."""
 
-    model: UNet3D
+    models: tuple[UNet3D, ...]
     plan: dict
     device: torch.device
     precision: str = "auto"
     testing: TestingConfig = TestingConfig()
     window_batch: int = 1  # sliding windows predicted at once (spacing mode)
-    channels_last: bool = False  # the network's memory layout (inference_layout)
+    channels_last: bool = False  # the networks' memory layout (inference_layout)
 
     @classmethod
     def from_checkpoint(
-        cls, state: dict, device: torch.device, testing: TestingConfig | None = None
+        cls,
+        states: dict | list[dict],
+        device: torch.device,
+        testing: TestingConfig | None = None,
     ) -> Predictor:
-        """testing: None for the checkpoint run's own [testing] settings."""
-        plan = plan_from_checkpoint(state)
-        testing = testing or testing_from_checkpoint(state)
+        """states: one checkpoint, or several for an ensemble (same plan and classes, or a
+        ValueError that names the differing key: check_same_plans). testing: None for the
+        first checkpoint run's own [testing] settings."""
+        states = [states] if isinstance(states, dict) else list(states)
+        check_same_plans(states)
+        plan = plan_from_checkpoint(states[0])
+        testing = testing or testing_from_checkpoint(states[0])
         if testing.instances:
             instance_classes(tuple(plan["class_names"]))  # fail before any scan is read
         return cls(
-            model_from_checkpoint(state, device),
+            tuple(model_from_checkpoint(state, device) for state in states),
             plan,
             device,
-            precision_from_checkpoint(state),
+            precision_from_checkpoint(states[0]),
             testing,
-            window_batch_size(state),
-            inference_layout(state, device),
+            min(window_batch_size(state) for state in states),
+            inference_layout(states[0], device),
         )
+
+
+def check_same_plans(states: list[dict], names: list[str] | None = None) -> None:
+    """ValueError unless every checkpoint has the first one's plan (every key: preprocessing,
+    label map, grid or spacing and patch) and class names; the message names the key and both
+    values. names: how to call the checkpoints in the message (default #1, #2, ...)."""
+    names = names or [f"#{i + 1}" for i in range(len(states))]
+    first = {**plan_from_checkpoint(states[0]), "class_names": states[0]["class_names"]}
+    for name, state in zip(names[1:], states[1:], strict=True):
+        other = {**plan_from_checkpoint(state), "class_names": state["class_names"]}
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise ValueError(
+                    f"checkpoints {names[0]} and {name} differ in {key}: "
+                    f"{first.get(key)!r} against {other.get(key)!r}; an ensemble needs one plan"
+                )
 
 
 def window_batch_size(state: dict) -> int:
@@ -275,6 +299,30 @@ def back_to_scan(
     return labels_to_scan(grid_labels, scan)
 
 
+def ensemble_probabilities(
+    predictor: Predictor, grid_image: sitk.Image, patch: tuple[int, int, int] | None
+) -> np.ndarray:
+    """Class probabilities (classes, slices, height, width) of the predictor's networks on one
+    preprocessed image: their mean (one network: its own), each as predict_probabilities
+    gives them with the predictor's settings."""
+    testing = predictor.testing
+    total = None
+    for model in predictor.models:
+        probabilities = predict_probabilities(
+            model,
+            grid_image,
+            predictor.device,
+            predictor.precision,
+            patch,
+            testing.overlap,
+            testing.tta_flip,
+            predictor.window_batch,
+            predictor.channels_last,
+        )
+        total = probabilities if total is None else total + probabilities
+    return total / len(predictor.models)
+
+
 def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     """A raw scan (any orientation; no mask is used) -> its class mask, in the scan's geometry.
 
@@ -288,17 +336,7 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     if settings.mode == "spacing":
         height, width, slices = predictor.plan["patch_size"]
         patch = (slices, height, width)
-    probabilities = predict_probabilities(
-        predictor.model,
-        grid.image,
-        predictor.device,
-        predictor.precision,
-        patch,
-        testing.overlap,
-        testing.tta_flip,
-        predictor.window_batch,
-        predictor.channels_last,
-    )
+    probabilities = ensemble_probabilities(predictor, grid.image, patch)
     classes = back_to_scan(probabilities, grid.image, scan, testing.map_probabilities)
     if testing.min_component_mm3 > 0:
         classes = remove_small_components(classes, testing.min_component_mm3)
@@ -417,16 +455,17 @@ def score_case_instances(
 
 
 def evaluate_checkpoint(
-    state: dict,
+    state: dict | list[dict],
     cases: pd.DataFrame,
     run_dir: Path,
     device: torch.device,
     testing: TestingConfig,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """Test a checkpoint as deployed: every case is segmented from its RAW scan by
-    segment_scan (the path predict_script.py takes), following the checkpoint's plan; the
-    reference (mapped with the plan's label map) is read only for the metrics.
+    """Test a checkpoint (or an ensemble: a list of checkpoints, Predictor.from_checkpoint) as
+    deployed: every case is segmented from its RAW scan by segment_scan (the path
+    predict_script.py takes), following the checkpoint's plan; the reference (mapped with the
+    plan's label map) is read only for the metrics.
 
     cases: rows with case_id, image_path, mask_path (raw files). Writes predictions/<case>.mha,
     test_metrics.csv (one row per case and class, METRIC_COLUMNS), test_summary.csv and
@@ -441,7 +480,7 @@ def evaluate_checkpoint(
     """
     predictor = Predictor.from_checkpoint(state, device, testing)
     lookup = plan_lookup(predictor.plan)
-    class_names = tuple(state["class_names"])
+    class_names = tuple(predictor.plan["class_names"])
     spider_references = uses_spider_numbering(predictor.plan)
     disc_values = tuple(
         raw for raw, index in lookup.items() if class_names[index] == INSTANCE_CLASSES[1]

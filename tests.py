@@ -1862,7 +1862,7 @@ def test_predict_script_reads_a_dicom_series_folder(trained_run, tiny_raw, tmp_p
 def test_checkpoint_rebuilds_the_model_alone(trained_run, tiny_raw):
     state = load_checkpoint(trained_run / "run" / "checkpoints" / "best.pt")
     predictor = Predictor.from_checkpoint(state, torch.device("cpu"))
-    assert predictor.model.arguments == state["model_args"]
+    assert [m.arguments for m in predictor.models] == [UNet3D(**state["model_args"]).arguments]
     assert predictor.plan["grid"] == [32, 16, 8]
     scan = sitk.ReadImage(str(sorted((tiny_raw / "images").glob("*.mha"))[0]))
     segmentation = segment_scan(predictor, scan)
@@ -1916,7 +1916,7 @@ def test_a_known_mask_goes_through_the_real_prediction_path(tmp_path):
     one_hot = np.stack([sitk.GetArrayFromImage(truth) == c for c in range(4)])
     logits = torch.from_numpy(one_hot.astype(np.float32) * 20)[None]
     predictor = Predictor(
-        _Oracle(logits), make_plan(settings, SPIDER_LABELS), torch.device("cpu"), "fp32"
+        (_Oracle(logits),), make_plan(settings, SPIDER_LABELS), torch.device("cpu"), "fp32"
     )
     result = segment_scan(predictor, scan)
     assert result.crop_index == grid.crop_index and result.crop_size == grid.crop_size
@@ -2871,3 +2871,121 @@ def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
     assert record["systems"][1]["training_minutes"] == pytest.approx(0.05, abs=0.05)
     text = bench_peer.table(record, config.labels.class_names)
     assert "MONAI peer" in text and "patches/s" in text
+
+
+# ---------------------------------------------------------------- cross-validation, ensembles
+
+
+def test_patient_folds_are_disjoint_and_cover_everyone():
+    from train import fold_split, patient_folds
+
+    cases = pd.DataFrame(
+        {
+            "case_id": [f"{p}_{s}" for p in range(23) for s in ("t1", "t2")],
+            "patient_id": [str(p) for p in range(23) for _ in range(2)],
+        }
+    )
+    folds = patient_folds(cases, 5, test_fraction=0.15, seed=3)
+    assert len(folds) == len(cases) and set(folds["case_id"]) == set(cases["case_id"])
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()  # t1 and t2 together
+    per_fold = folds[folds["fold"] >= 0].groupby("fold")["patient_id"].nunique()
+    assert list(per_fold.index) == [0, 1, 2, 3, 4] and per_fold.max() - per_fold.min() <= 1
+    assert folds.loc[folds["fold"] < 0, "patient_id"].nunique() == 3  # 15 % of 23 held out
+    assert patient_folds(cases, 5, 0.15, seed=3).equals(folds)  # seeded
+    assert not patient_folds(cases, 5, 0.15, seed=4)["fold"].equals(folds["fold"])
+    split = fold_split(folds, 2)
+    assert set(split.loc[split["split"] == "val", "patient_id"]) == set(
+        folds.loc[folds["fold"] == 2, "patient_id"]
+    )
+    assert (split.loc[folds["fold"] < 0, "split"] == "test").all()
+    with pytest.raises(ValueError, match="folds = 30"):
+        patient_folds(cases, 30, 0.15, seed=3)
+
+
+def test_ensemble_probabilities_are_the_mean_of_the_members(tmp_path):
+    from test_unet import ensemble_probabilities
+
+    files = _case(tmp_path, "LPS", seed=2)
+    _, image, _ = load_case(files, SPIDER_LOOKUP)
+    settings = PreprocessingConfig(grid=(32, 16, 8))
+    grid = to_grid(image, None, settings)
+    generator = torch.Generator().manual_seed(0)
+    logits = [torch.randn(1, 4, 8, 32, 16, generator=generator) * 3 for _ in range(2)]
+    plan = make_plan(settings, SPIDER_LABELS)
+    cpu = torch.device("cpu")
+    pair = Predictor((_Oracle(logits[0]), _Oracle(logits[1])), plan, cpu, "fp32")
+    mean = ensemble_probabilities(pair, grid.image, None)
+    expected = ((logits[0].softmax(1) + logits[1].softmax(1)) / 2)[0].numpy()
+    assert np.allclose(mean, expected, atol=1e-6)
+    single = ensemble_probabilities(
+        Predictor((_Oracle(logits[0]),), plan, cpu, "fp32"), grid.image, None
+    )
+    assert np.allclose(single, logits[0].softmax(1)[0].numpy(), atol=1e-6)
+
+
+def test_cross_validation_end_to_end_and_ensemble_prediction(tmp_path, tiny_raw, capsys):
+    """folds = 3 on the tiny set: one fold first (as a second GPU would), then fold = all
+    trains the rest, writes the CV results and tests the held-out part with the ensemble; a
+    rerun trains nothing; predict_script takes the run folder as an ensemble."""
+    import predict_script
+    import preprocess_script
+    import trainandtest_script
+
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        training={"folds": 3, "epochs": 1},
+        testing={"figures": 0, "ensemble": "true", "instances": "true"},
+    )
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg), "--set", "training.fold=1"]) == 0
+    run = tmp_path / "run"
+    assert "folds [0, 2] are not trained yet" in capsys.readouterr().out
+    first = (run / "fold_1" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    folds = pd.read_csv(run / "folds.csv", dtype={"case_id": str, "patient_id": str})
+    patients = folds.loc[folds["fold"] >= 0, "patient_id"].nunique()
+    assert f"cross-validation over {patients} patients (3 folds" in out
+    assert "with the ensemble of the 3 fold models" in out
+    assert (run / "fold_1" / "checkpoints" / "last.pt").stat().st_mtime_ns == first
+    cv = pd.read_csv(run / "cv_metrics.csv", dtype={"case_id": str})
+    not_test = set(folds.loc[folds["fold"] >= 0, "case_id"])
+    counts = cv.groupby("case_id").size()
+    assert set(counts.index) == not_test and (counts == 3).all()  # once per case and class
+    assert cv.groupby("case_id")["fold"].nunique().eq(1).all()
+    case_fold = dict(zip(folds["case_id"], folds["fold"], strict=True))
+    assert all(case_fold[c] == f for c, f in zip(cv["case_id"], cv["fold"], strict=True))
+    summary = pd.read_csv(run / "cv_summary.csv")
+    assert len(summary) == 3 and (summary["n"] == len(not_test)).all()
+    assert (run / "test_summary.csv").is_file() and (run / "cv_instance_summary.csv").is_file()
+    import compare_runs
+
+    row = compare_runs.compare([run]).iloc[0]
+    assert "cross-validation" in row["run"] and row["Dice vertebrae"] == pytest.approx(
+        summary.set_index("class").loc["vertebrae", "dice_mean"]
+    )
+    assert "Dice sd vertebrae" in row.index
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("fold_*/checkpoints/*.pt")}
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0  # trains nothing
+    assert {p: p.stat().st_mtime_ns for p in run.glob("fold_*/checkpoints/*.pt")} == stamps
+
+    scan = sorted((tiny_raw / "images").glob("*.mha"))[0]
+    out_dir = tmp_path / "predicted"
+    args = ["--checkpoint", str(run), str(scan), "--instances", "--output-dir", str(out_dir)]
+    assert predict_script.main(args) == 0
+    assert "ensemble of 3 models" in capsys.readouterr().out
+    name = scan.name[: -len(".mha")]
+    for suffix in (".mha", "_instances.mha", "_instances.csv"):
+        assert (out_dir / f"{name}{suffix}").is_file()
+    # a checkpoint of another plan is refused, naming the key and both values
+    other = torch.load(run / "fold_0" / "checkpoints" / "best.pt", weights_only=True)
+    other["plan"] = {**other["plan"], "grid": [64, 16, 8]}
+    torch.save(other, tmp_path / "other.pt")
+    two = [
+        "--checkpoint",
+        str(run / "fold_1" / "checkpoints" / "best.pt"),
+        str(tmp_path / "other.pt"),
+    ]
+    assert predict_script.main([*two, str(scan), "--output-dir", str(tmp_path / "x")]) == 1
+    assert "differ in grid: [32, 16, 8] against [64, 16, 8]" in capsys.readouterr().err

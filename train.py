@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from sklearn.model_selection import GroupShuffleSplit
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -61,6 +61,36 @@ def patient_split(
     table["patient_id"] = table["patient_id"].astype(str)
     table["split"] = table["patient_id"].map(split).to_numpy()
     return table.sort_values("case_id").reset_index(drop=True)
+
+
+def patient_folds(cases: pd.DataFrame, folds: int, test_fraction: float, seed: int) -> pd.DataFrame:
+    """case_id, patient_id, fold: k-fold cross-validation by patient. test_fraction of the
+    patients are held out first (as patient_split holds them out; fold -1), the rest go to
+    folds 0..folds-1 by scikit-learn's GroupKFold, shuffled with seed: every series of a
+    patient in one fold, every patient in exactly one."""
+    table = patient_split(cases, 0.0, test_fraction, seed)
+    table["fold"] = -1
+    rest = table.index[table["split"] != "test"]
+    patients = table.loc[rest, "patient_id"]
+    if patients.nunique() < folds:
+        raise ValueError(
+            f"[training] folds = {folds}, but only {patients.nunique()} patients are left "
+            "after the test part"
+        )
+    splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held) in enumerate(splitter.split(rest, groups=patients)):
+        table.loc[rest[held], "fold"] = fold
+    return table.drop(columns="split")
+
+
+def fold_split(folds: pd.DataFrame, fold: int) -> pd.DataFrame:
+    """The split of one fold (case_id, patient_id, split): validation = that fold, test = the
+    held-out patients (fold -1), training = the other folds."""
+    split = folds[["case_id", "patient_id"]].copy()
+    split["split"] = np.where(
+        folds["fold"] == fold, "val", np.where(folds["fold"] < 0, "test", "train")
+    )
+    return split
 
 
 def load_or_make_split(

@@ -19,16 +19,26 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from config import Config, ConfigError, driver_arguments, load_config
 from devices import Distributed, configure_threads, pick_device
 from plan import check_plan, make_plan, read_plan
+from spider_metrics import summarise_spider
 from store_plot_metrics import write_csv
-from test_unet import evaluate_checkpoint
-from train import NonFiniteLossError, fit, load_checkpoint, load_or_make_split
+from test_unet import evaluate_checkpoint, summarise
+from train import (
+    NonFiniteLossError,
+    fit,
+    fold_split,
+    load_checkpoint,
+    load_or_make_split,
+    patient_folds,
+)
 from vertebraeseg import atomic_write_text, discover_cases
 
 RUN_RECORD = "run_config.json"
@@ -43,6 +53,7 @@ RESUME_MAY_CHANGE = (
     "cache_on_device",
     "channels_last",
     "compile",
+    "fold",  # which folds this invocation trains, not what they are
 )
 
 
@@ -166,12 +177,22 @@ def format_instance_summary(summary: pd.DataFrame) -> str:
 
 
 def run(config: Config, progress: bool | None = None) -> int:
-    """Split, train (possibly distributed), test on rank 0; print where everything is.
+    """One run, or with [training] folds the cross-validation (run_folds).
 
     progress: tqdm bars (default: only when stderr is a terminal; a log file or CI gets the
     one line per epoch without bars)."""
     if progress is None:
         progress = sys.stderr.isatty()
+    if config.training.folds:
+        return run_folds(config, progress)
+    return run_one(config, progress)
+
+
+def run_one(
+    config: Config, progress: bool, split: pd.DataFrame | None = None, test: bool = True
+) -> int:
+    """Split (or the given split: case_id, patient_id, split), train (possibly distributed),
+    test on rank 0 unless test is false; print where everything is."""
     t = config.training
     os.environ.setdefault("LOCAL_RANK", "0")
     device_kind = pick_device(t.device, int(os.environ["LOCAL_RANK"])).type
@@ -193,7 +214,10 @@ def run(config: Config, progress: bool | None = None) -> int:
             fractions = (t.val_fraction, t.test_fraction)
         if dist_info.is_main:
             prepare_run_dir(run_dir, record, t.resume, t.overwrite)
-            split = load_or_make_split(run_dir / "splits.csv", manifest, *fractions, t.split_seed)
+            if split is None:
+                split = load_or_make_split(
+                    run_dir / "splits.csv", manifest, *fractions, t.split_seed
+                )
             write_csv(split, run_dir / "splits.csv")
         dist_info.barrier()
         split = load_or_make_split(run_dir / "splits.csv", manifest, *fractions, t.split_seed)
@@ -226,7 +250,7 @@ def run(config: Config, progress: bool | None = None) -> int:
         )
     finally:
         dist_info.close()
-    if not dist_info.is_main:
+    if not dist_info.is_main or not test:
         return 0
     cases = select_test_cases(config, split, manifest)
     if cases.empty:
@@ -254,6 +278,113 @@ def run(config: Config, progress: bool | None = None) -> int:
         "metrics_epochs.csv, *.png, checkpoints/"
     )
     return 0
+
+
+def run_folds(config: Config, progress: bool) -> int:
+    """k-fold cross-validation ([training] folds, fold): folds.csv written once in output_dir
+    and reused; each fold a run folder output_dir/fold_<f> (run_one with that fold's split:
+    resumed when interrupted, nothing trained when finished). When every fold has finished:
+    cross-validation results (cross_validate) and, with [testing] ensemble, the test part
+    with the ensemble of the fold models in output_dir itself."""
+    t, output = config.training, config.paths.output_dir
+    manifest = read_manifest(config.paths.preprocessed_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    folds_path = output / "folds.csv"
+    if folds_path.is_file():
+        folds = pd.read_csv(folds_path, dtype={"case_id": str, "patient_id": str})
+        if folds["fold"].max() + 1 != t.folds:
+            raise ValueError(
+                f"{folds_path} holds {folds['fold'].max() + 1} folds, the configuration "
+                f"{t.folds}: use another output_dir"
+            )
+    else:
+        folds = patient_folds(manifest, t.folds, t.test_fraction, t.split_seed)
+        if main_rank:
+            prepare_run_dir(output, config.as_dict(), t.resume, t.overwrite)
+            write_csv(folds, folds_path)
+    todo = range(t.folds) if t.fold == "all" else [int(t.fold)]
+    for fold in todo:
+        fold_config = replace(
+            config, paths=replace(config.paths, output_dir=output / f"fold_{fold}")
+        )
+        if main_rank:
+            print(f"fold {fold} of {t.folds}: {fold_config.paths.output_dir}")
+        code = run_one(fold_config, progress, fold_split(folds, fold), not config.testing.ensemble)
+        if code:
+            return code
+    if not main_rank:
+        return 0
+    unfinished = [f for f in range(t.folds) if not fold_finished(output / f"fold_{f}", t.epochs)]
+    if unfinished:
+        print(f"folds {unfinished} are not trained yet: cross-validation results wait for them")
+        return 0
+    device = pick_device(t.device)
+    cross_validate(config, folds, manifest, device, progress)
+    held_out = folds.assign(split=np.where(folds["fold"] < 0, "test", "train"))
+    cases = select_test_cases(config, held_out, manifest)  # or every case of test_raw_dir
+    if config.testing.ensemble and not cases.empty:
+        states = [
+            load_checkpoint(output / f"fold_{f}" / "checkpoints" / "best.pt")
+            for f in range(t.folds)
+        ]
+        _, summary, instance_summary = evaluate_checkpoint(
+            states, cases, output, device, config.testing, progress
+        )
+        print(f"test on {len(cases)} cases with the ensemble of the {t.folds} fold models:")
+        print(format_summary(summary))
+        if instance_summary is not None:
+            print(format_instance_summary(instance_summary))
+    return 0
+
+
+def fold_finished(run_dir: Path, epochs: int) -> bool:
+    """Whether a fold's run folder holds its last epoch (checkpoints/last.pt)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    return last.is_file() and load_checkpoint(last)["epoch"] >= epochs
+
+
+def cross_validate(
+    config: Config, folds: pd.DataFrame, manifest: pd.DataFrame, device, progress: bool
+) -> None:
+    """Each fold's validation patients, segmented from their raw scans by that fold's best
+    model (evaluate_checkpoint, files in fold_<f>/cv/): output_dir/cv_metrics.csv (one row per
+    case and class, with the fold), cv_summary.csv (as test_summary.csv) and, where the
+    instance step is scored, cv_instance_metrics.csv and cv_instance_summary.csv."""
+    output, class_names = config.paths.output_dir, config.labels.class_names
+    metrics, instances = [], []
+    for fold in range(config.training.folds):
+        run_dir = output / f"fold_{fold}"
+        names = folds.loc[folds["fold"] == fold, "case_id"]
+        cases = manifest.loc[
+            manifest["case_id"].isin(names), ["case_id", "image_path", "mask_path"]
+        ]
+        state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+        fold_metrics, _, instance_summary = evaluate_checkpoint(
+            state, cases, run_dir / "cv", device, config.testing, progress
+        )
+        metrics.append(fold_metrics.assign(fold=fold))
+        if instance_summary is not None:
+            per_case = pd.read_csv(
+                run_dir / "cv" / "test_instance_metrics.csv", dtype={"case_id": str}
+            )
+            instances.append(per_case.assign(fold=fold))
+    table = pd.concat(metrics, ignore_index=True)
+    summary = summarise(table, class_names)
+    write_csv(table, output / "cv_metrics.csv")
+    write_csv(summary, output / "cv_summary.csv")
+    patients = folds.loc[folds["fold"] >= 0, "patient_id"].nunique()
+    print(
+        f"cross-validation over {patients} patients ({config.training.folds} folds; each "
+        "case predicted from its raw scan by the fold model that did not train on it):"
+    )
+    print(format_summary(summary))
+    if instances:
+        per_case = pd.concat(instances, ignore_index=True)
+        instance_summary = summarise_spider(per_case)
+        write_csv(per_case, output / "cv_instance_metrics.csv")
+        write_csv(instance_summary, output / "cv_instance_summary.csv")
+        print(format_instance_summary(instance_summary))
+    print(f"outputs: {output}/folds.csv, cv_metrics.csv, cv_summary.csv, fold_*/")
 
 
 def main(argv: list[str] | None = None) -> int:
