@@ -878,17 +878,40 @@ def level_note(instances: sitk.Image) -> str:
     return instances.GetMetaData(LEVEL_NOTE_KEY) if instances.HasMetaDataKey(LEVEL_NOTE_KEY) else ""
 
 
-def write_instances(instances: sitk.Image, folder: Path, name: str) -> list[Path]:
-    """folder/<name>_instances.mha (the note in its header) and folder/<name>_instances.csv
-    (instance_table), written atomically. Returns both paths."""
-    paths = [folder / f"{name}_instances.mha", folder / f"{name}_instances.csv"]
+def write_instances(
+    instances: sitk.Image,
+    folder: Path,
+    name: str,
+    scan: sitk.Image | None = None,
+    confidence: sitk.Image | None = None,
+) -> tuple[list[Path], dict]:
+    """The report of one scan, written atomically: folder/<name>_instances.mha (the level note
+    in its header), <name>_instances.csv (instance_table with the measurements per level of
+    measure.measure_levels and their notes), <name>_qc.json (measure.quality_flags; the
+    low-confidence flag where confidence, the largest class probability per voxel, is given)
+    and <name>_levels.png (measure.plot_levels, on the scan where given). Returns (the paths,
+    the quality flags)."""
+    from measure import measure_levels, plot_levels, quality_flags, write_qc
+
+    paths = [
+        folder / f"{name}_instances.mha",
+        folder / f"{name}_instances.csv",
+        folder / f"{name}_qc.json",
+        folder / f"{name}_levels.png",
+    ]
     atomic_write_image(instances, paths[0])
-    write_csv(instance_table(instances), paths[1])
-    return paths
+    measurements = measure_levels(instances)
+    write_csv(instance_table(instances).merge(measurements, on="label", how="left"), paths[1])
+    qc = quality_flags(instances, measurements, confidence)
+    write_qc(qc, paths[2])
+    plot_levels(instances, measurements, qc, paths[3], scan)
+    return paths, qc
 
 
 def main(argv: list[str] | None = None) -> int:
     """python instances.py MASK [MASK ...] --output-dir DIR [--config FILE]"""
+    from measure import flag_line
+
     parser = driver_arguments(
         "Run the instance step on class-index masks (0 background, then the classes of the "
         "configuration's [labels] in order; by default 1 vertebrae, 2 discs, 3 canal)"
@@ -926,9 +949,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        written = write_instances(instances, args.output_dir, output_stem(path))
+        written, qc = write_instances(instances, args.output_dir, output_stem(path))
         note = level_note(instances)
-        print(f"{path} -> {', '.join(map(str, written))}" + (f" (levels: {note})" if note else ""))
+        levels = f" (levels: {note})" if note else ""
+        print(f"{path} -> {', '.join(map(str, written))}{levels}; qc: {flag_line(qc)}")
     return 1 if failed else 0
 
 

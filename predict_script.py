@@ -26,6 +26,7 @@ and skipped; the exit status is 0 when every input was segmented, else 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from devices import configure_threads, pick_device
 from instances import level_note
+from measure import flag_line
 from store_plot_metrics import write_csv
 from test_unet import Predictor, check_same_plans, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
@@ -75,6 +77,21 @@ def read_input(path: Path) -> sitk.Image:
     if path.is_dir():
         return read_dicom_series(path)
     return read_scan(path, "input")
+
+
+def summary_row(name: str, table: pd.DataFrame, qc: dict) -> dict[str, object]:
+    """One scan in summary.csv: counts of vertebrae and discs, the flags, and the disc heights
+    per level side by side ('L5/S1 disc_height_mm', ...)."""
+    row: dict[str, object] = {
+        "scan": name,
+        "vertebrae": int(table["structure"].isin(["vertebra", "partial vertebra"]).sum()),
+        "discs": int((table["structure"] == "disc").sum()),
+        "qc_ok": bool(qc["ok"]),
+        "flags": ", ".join(flag["name"] for flag in qc["flags"]),
+    }
+    for disc in table[table["structure"] == "disc"].itertuples():
+        row[f"{disc.level} disc_height_mm"] = disc.disc_height_mm
+    return row
 
 
 def checkpoint_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -159,17 +176,26 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     if len(states) > 1:
         print(f"ensemble of {len(states)} models: {', '.join(map(str, checkpoints))}")
+    summary = []
     for path in tqdm(inputs, desc="predict", unit="scan", disable=not sys.stderr.isatty()):
         try:
-            segmentation = segment_scan(predictor, read_input(path))
+            scan = read_input(path)
+            segmentation = segment_scan(predictor, scan)
         except (CaseError, OSError) as err:
             tqdm.write(f"error: {path}: {err}")
             failed += 1
             continue
-        written = segmentation.write(args.output_dir, output_name(path))
-        note = level_note(segmentation.instances) if segmentation.instances is not None else ""
-        levels = f" (levels: {note})" if note else ""
-        tqdm.write(f"{path} -> {', '.join(str(p) for p in written)}{levels}")
+        written = segmentation.write(args.output_dir, output_name(path), scan)
+        line = f"{path} -> {', '.join(str(p) for p in written)}"
+        if segmentation.instances is not None:
+            note = level_note(segmentation.instances)
+            qc = json.loads((args.output_dir / f"{output_name(path)}_qc.json").read_text())
+            line += (f" (levels: {note})" if note else "") + f"; qc: {flag_line(qc)}"
+            table = pd.read_csv(args.output_dir / f"{output_name(path)}_instances.csv")
+            summary.append(summary_row(output_name(path), table, qc))
+        tqdm.write(line)
+    if summary:
+        write_csv(pd.DataFrame(summary), args.output_dir / "summary.csv")
     return 1 if failed else 0
 
 

@@ -24,9 +24,11 @@ from tqdm import tqdm
 from config import TestingConfig
 from devices import autocast_dtype, fast_settings
 from instances import (
+    CANAL_LABEL,
     INSTANCE_CLASSES,
     discs_only,
     instance_classes,
+    level_name,
     level_note,
     separate_instances,
     write_instances,
@@ -239,15 +241,25 @@ class Segmentation:
     crop_index: tuple[int, int, int]  # in the PIR-reoriented scan, (x, y, z)
     crop_size: tuple[int, int, int]
     instances: sitk.Image | None = None  # SPIDER-numbered instances (the instance step)
+    confidence: sitk.Image | None = None  # largest class probability per voxel, on the scan
 
-    def write(self, folder: Path, name: str) -> list[Path]:
-        """folder/<name>.mha, and with instances <name>_instances.mha and .csv (one row per
-        instance: label, structure, level, volume, centroid, S-I extent). Atomic writes."""
+    def write(self, folder: Path, name: str, scan: sitk.Image | None = None) -> list[Path]:
+        """folder/<name>.mha, and with instances the scan's report (instances.write_instances:
+        <name>_instances.mha and .csv with the measurements per level, <name>_qc.json,
+        <name>_levels.png on `scan`). Atomic writes."""
         paths = [folder / f"{name}.mha"]
         atomic_write_image(self.classes, paths[0])
         if self.instances is not None:
-            paths += write_instances(self.instances, folder, name)
+            paths += write_instances(self.instances, folder, name, scan, self.confidence)[0]
         return paths
+
+    def quality(self) -> dict | None:
+        """The scan's quality flags (measure.quality_flags), None without instances."""
+        if self.instances is None:
+            return None
+        from measure import measure_levels, quality_flags
+
+        return quality_flags(self.instances, measure_levels(self.instances), self.confidence)
 
 
 @torch.no_grad()
@@ -340,11 +352,22 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     classes = back_to_scan(probabilities, grid.image, scan, testing.map_probabilities)
     if testing.min_component_mm3 > 0:
         classes = remove_small_components(classes, testing.min_component_mm3)
-    instances = None
+    instances = confidence = None
     if testing.instances:
         vertebra, disc, canal = instance_classes(tuple(predictor.plan["class_names"]))
         instances = separate_instances(classes, vertebra, disc, canal, testing.min_instance_mm3)
-    return Segmentation(classes, grid.crop_index, grid.crop_size, instances)
+        confidence = confidence_on_scan(probabilities, grid.image, scan)
+    return Segmentation(classes, grid.crop_index, grid.crop_size, instances, confidence)
+
+
+def confidence_on_scan(
+    probabilities: np.ndarray, grid_image: sitk.Image, scan: sitk.Image
+) -> sitk.Image:
+    """The largest class probability per voxel (float32), resampled linearly from the grid
+    onto the scan (1 outside the crop, which is certain background); for the quality flags."""
+    largest = sitk.GetImageFromArray(probabilities.max(axis=0).astype(np.float32))
+    largest.CopyInformation(grid_image)
+    return sitk.Resample(largest, scan, sitk.Transform(), sitk.sitkLinear, 1.0)
 
 
 def remove_small_components(classes: sitk.Image, min_mm3: float) -> sitk.Image:
@@ -454,6 +477,36 @@ def score_case_instances(
     return spider_scores(reference, discs_only(instances))
 
 
+def measurement_differences(
+    case_id: str, predicted: sitk.Image, reference: sitk.Image
+) -> list[dict[str, object]]:
+    """Per level present in both SPIDER-numbered masks and per measurement of
+    measure.measure_levels: case_id, label, level, measurement, predicted, reference,
+    difference (predicted - reference; NaN where either is NaN)."""
+    from measure import MEASUREMENTS, measure_levels
+
+    ours = measure_levels(predicted).set_index("label")
+    theirs = measure_levels(reference).set_index("label")
+    rows = []
+    for label in sorted(set(ours.index) & set(theirs.index) - {CANAL_LABEL}):
+        for measurement in MEASUREMENTS:
+            a, b = float(ours.loc[label, measurement]), float(theirs.loc[label, measurement])
+            if math.isnan(a) and math.isnan(b):
+                continue
+            rows.append(
+                {
+                    "case_id": case_id,
+                    "label": int(label),
+                    "level": level_name(int(label)),
+                    "measurement": measurement,
+                    "predicted": a,
+                    "reference": b,
+                    "difference": a - b,
+                }
+            )
+    return rows
+
+
 def evaluate_checkpoint(
     state: dict | list[dict],
     cases: pd.DataFrame,
@@ -475,7 +528,9 @@ def evaluate_checkpoint(
     a printed line), and the challenge's metric with the level agreement (spider_metrics,
     score_case_instances: every structure where the references carry SPIDER numbering, the
     discs against their connected components where they are semantic):
-    test_instance_metrics.csv (per case) and test_instance_summary.csv.
+    test_instance_metrics.csv (per case) and test_instance_summary.csv; and the measurements
+    per level (measure.py) of prediction and reference (the reference's own instances, or a
+    semantic reference through the same instance step): test_measurements.csv.
     Returns (metrics, summary, instance summary or None).
     """
     predictor = Predictor.from_checkpoint(state, device, testing)
@@ -486,7 +541,7 @@ def evaluate_checkpoint(
         raw for raw, index in lookup.items() if class_names[index] == INSTANCE_CLASSES[1]
     )
     score_instances = testing.instances and (spider_references or bool(disc_values))
-    rows, instance_rows, shown = [], [], []
+    rows, instance_rows, shown, measured = [], [], [], []
     for case in tqdm(cases.itertuples(), total=len(cases), desc="test", disable=not progress):
         try:
             scan, reference, raw_reference = read_reference(
@@ -497,7 +552,7 @@ def evaluate_checkpoint(
             continue
         segmentation = segment_scan(predictor, scan)
         prediction = segmentation.classes
-        segmentation.write(run_dir / "predictions", case.case_id)
+        segmentation.write(run_dir / "predictions", case.case_id, scan)
         if segmentation.instances is not None and level_note(segmentation.instances):
             tqdm.write(f"test case {case.case_id}: levels: {level_note(segmentation.instances)}")
         if score_instances:
@@ -505,6 +560,16 @@ def evaluate_checkpoint(
                 raw_reference, segmentation.instances, spider_references, disc_values, testing
             )
             instance_rows.append({"case_id": case.case_id, **scores})
+            reference_instances = (
+                raw_reference
+                if spider_references
+                else separate_instances(
+                    reference, *instance_classes(class_names), testing.min_instance_mm3
+                )
+            )
+            measured += measurement_differences(
+                case.case_id, segmentation.instances, reference_instances
+            )
         case_rows = []
         for index, row in enumerate(case_metrics(prediction, reference, class_names), start=1):
             lost = outside_crop_fraction(
@@ -520,6 +585,8 @@ def evaluate_checkpoint(
     write_csv(metrics, run_dir / "test_metrics.csv")
     write_csv(summary, run_dir / "test_summary.csv")
     instance_summary = None
+    if measured:
+        write_csv(pd.DataFrame(measured), run_dir / "test_measurements.csv")
     if instance_rows:
         per_case = pd.DataFrame(instance_rows)
         instance_summary = summarise_spider(per_case)

@@ -1794,6 +1794,14 @@ def test_predict_script_instances_on_a_raw_scan(trained_run, tiny_raw, tmp_path)
     assert not np.any(
         (sitk.GetArrayViewFromImage(instances) > 0) & (sitk.GetArrayViewFromImage(classes) == 0)
     )
+    # the report: measurements per level, quality flags (with confidence), picture, summary
+    assert {"disc_height_mm", "body_height_mm", "canal_ap_mm", "notes"} <= set(table.columns)
+    qc = json.loads((out / f"{stem}_qc.json").read_text())
+    assert set(qc) == {"ok", "flags"} and qc["ok"] == (not qc["flags"])
+    assert (out / f"{stem}_levels.png").stat().st_size > 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["scan"].tolist() == [stem]
+    assert summary.loc[0, "discs"] == (table["structure"] == "disc").sum()
 
 
 def _write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
@@ -2989,3 +2997,102 @@ def test_cross_validation_end_to_end_and_ensemble_prediction(tmp_path, tiny_raw,
     ]
     assert predict_script.main([*two, str(scan), "--output-dir", str(tmp_path / "x")]) == 1
     assert "differ in grid: [32, 16, 8] against [64, 16, 8]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- measurements per level
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_measurements_of_reference_masks_match_the_generator(seed):
+    """Disc heights (between two bodies), body heights and the canal's A-P diameter of the
+    synthetic reference against the generator's own numbers, within one voxel (the canal's
+    A-P varies by +-8 % along the spine by construction)."""
+    from measure import measure_levels
+    from synthetic_spine import _draw_spine
+
+    spine = _draw_spine(np.random.default_rng(seed))  # synth_patient's first draw
+    _, mask = synth_patient(np.random.default_rng(seed), small=False)
+    voxel = max(mask.GetSpacing()[:2])
+    table = measure_levels(mask).set_index("label")
+    concavity = 1.5 * spine.scale  # each lumbar endplate's central dip (synthetic_spine._Body)
+    checked = 0
+    for k in range(1, spine.count):  # body k, and the disc above it (between bodies k, k + 1)
+        if k in table.index and not math.isnan(table.loc[k, "body_height_mm"]):
+            assert table.loc[k, "body_height_mm"] == pytest.approx(
+                spine.heights[k - 1] - 2 * concavity, abs=voxel
+            ), k
+            checked += 1
+        if 201 + k in table.index:
+            assert table.loc[201 + k, "disc_height_mm"] == pytest.approx(
+                spine.discs[k] + 2 * concavity, abs=voxel
+            ), 201 + k
+            checked += 1
+    assert checked >= 8
+    ap = table["canal_ap_mm"].dropna()
+    assert len(ap) >= 8
+    assert ((ap - spine.canal_ap).abs() <= 0.08 * spine.canal_ap + voxel).all()
+
+
+def test_quality_flags_for_a_missing_disc_a_cut_canal_and_a_cut_level():
+    from measure import measure_levels, quality_flags
+
+    _, mask = synth_patient(np.random.default_rng(0), small=False)
+    array = sitk.GetArrayFromImage(mask)
+
+    def image(values: np.ndarray) -> sitk.Image:
+        result = sitk.GetImageFromArray(values)
+        result.CopyInformation(mask)
+        return result
+
+    clean = quality_flags(mask, measure_levels(mask))
+    assert {flag["name"] for flag in clean["flags"]} <= {"border", "count"}
+    no_disc = array.copy()
+    no_disc[no_disc == 203] = 0  # L3/L4 gone: L3 sits right on L4
+    qc = quality_flags(image(no_disc), measure_levels(image(no_disc)))
+    order = [flag for flag in qc["flags"] if flag["name"] == "order"]
+    assert not qc["ok"] and order and order[0]["levels"] == [["L4", "L3"]]
+    cut = array.copy()
+    rows = np.nonzero((cut == 100).any(axis=(0, 2)))[0]
+    cut[:, rows[len(rows) // 2] : rows[len(rows) // 2] + 6][
+        cut[:, rows[len(rows) // 2] : rows[len(rows) // 2] + 6] == 100
+    ] = 0
+    qc = quality_flags(image(cut), measure_levels(image(cut)))
+    pieces = [flag for flag in qc["flags"] if flag["name"] == "canal_pieces"]
+    assert pieces and pieces[0]["value"] == 2 and pieces[0]["threshold"] == 1
+    # the top of the field of view cuts the topmost vertebra: NaN with the reason, and flagged
+    top = int(
+        array.max()
+        if array.max() < 100
+        else max(v for v in np.unique(array) if v < 100 or 100 < v < 200)
+    )
+    table = measure_levels(mask).set_index("label")
+    assert math.isnan(table.loc[top, "body_height_mm"]) and table.loc[top, "notes"] != ""
+    border = [flag for flag in clean["flags"] if flag["name"] == "border"]
+    assert border and level_name(top) in border[0]["levels"]
+
+
+def test_measure_script_on_a_semantic_slab_mask(tmp_path):
+    import measure_script
+
+    _, mask = synth_patient(np.random.default_rng(2), small=True)
+    semantic = sitk.GetArrayFromImage(mask)
+    values = np.zeros(semantic.shape, np.uint8)  # the slabs' encoding: 76 / 29 / 150
+    values[((semantic >= 1) & (semantic <= 25)) | ((semantic > 100) & (semantic < 200))] = 76
+    values[semantic > 200] = 29
+    values[semantic == 100] = 150
+    slab = sitk.GetImageFromArray(values)
+    slab.CopyInformation(mask)
+    sitk.WriteImage(slab, str(tmp_path / "slab.mha"))
+    bad = sitk.GetImageFromArray(np.full(values.shape, 77, np.uint8))  # no class, no level
+    bad.CopyInformation(mask)
+    sitk.WriteImage(bad, str(tmp_path / "bad.mha"))
+    config = str(ROOT / "configuration_spider_slabs.txt")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "slab.mha"), str(tmp_path / "bad.mha"), "--config", config]
+    assert measure_script.main([*args, "--output-dir", str(out)]) == 1  # bad.mha skipped
+    table = pd.read_csv(out / "slab_instances.csv", keep_default_na=False)
+    for column in ("disc_height_mm", "body_height_mm", "canal_ap_mm", "canal_area_mm2", "notes"):
+        assert column in table.columns
+    assert (out / "slab_levels.png").is_file() and not (out / "bad_instances.csv").exists()
+    qc = json.loads((out / "slab_qc.json").read_text())
+    assert set(qc) == {"ok", "flags"}

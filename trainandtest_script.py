@@ -161,6 +161,17 @@ def format_summary(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def format_measurements(table: pd.DataFrame) -> str:
+    """Mean absolute difference, prediction against reference, per measurement."""
+    lines = ["measurements per level, prediction - reference (test_measurements.csv):"]
+    for name, group in table.groupby("measurement", sort=False):
+        values = group["difference"].dropna().abs()
+        lines.append(
+            f"  {name:<28} mean |difference| {values.mean():.2f} over {len(values)} levels"
+        )
+    return "\n".join(lines)
+
+
 def format_instance_summary(summary: pd.DataFrame) -> str:
     """The printed SPIDER-rules summary: instance Dice over detected instances, detection,
     ASD, and the share of detected instances named at the right level; structures the
@@ -266,6 +277,9 @@ def run_one(
         "(metrics in the scan's own geometry):"
     )
     print(format_summary(summary))
+    measurements = run_dir / "test_measurements.csv"
+    if measurements.is_file():
+        print(format_measurements(pd.read_csv(measurements)))
     if instance_summary is not None:
         print(
             "SPIDER challenge metric (instances; test_instance_summary.csv; levels: share of "
