@@ -2355,7 +2355,13 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path, capsys, trained_ru
         load_checkpoint(unsafe)
     assert (
         predict_script.main(
-            ["--checkpoint", str(unsafe), str(unsafe), "--output-dir", str(tmp_path / "out")]
+            [
+                "--checkpoint",
+                str(unsafe),
+                str(tmp_path / "scan.mha"),
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
         )
         == 1
     )
