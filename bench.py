@@ -650,27 +650,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     config = load_config(args.config, args.overrides)
-    if args.peer:
-        import bench_peer
-
-        seed = config.training.split_seed if args.split_seed is None else args.split_seed
+    if args.peer or args.profile:  # modules of their own: bench_peer.py, bench_profile.py
         configure_threads(args.threads, 1)
+        module = importlib.import_module("bench_peer" if args.peer else "bench_profile")
         with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
-            record = bench_peer.compare(
-                config, args.config, args.overrides, seed, args.minutes, Path(folder)
-            )
-        print(bench_peer.table(record, config.labels.class_names))
-        print(json.dumps(record))
-        return 0
-    if args.profile:
-        import bench_profile
-
-        configure_threads(args.threads, 1)
-        with tempfile.TemporaryDirectory(prefix="bench-", dir=args.work_dir) as folder:
-            record = bench_profile.profile(config, args.epochs or 3, Path(folder))
-        size = record["patch_or_grid"]
-        record["step_costs"] = bench_profile.step_costs(config, size)
-        print(bench_profile.table(record, args.minutes))
+            text, record = module.command(config, args, Path(folder))
+        print(text)
         print(json.dumps(record))
         return 0
     preset = choose_preset(args, config)

@@ -211,3 +211,10 @@ def table(record: dict, class_names: tuple[str, ...]) -> str:
             f"{system['seconds_per_scan']:.1f} s/scan"
         )
     return "\n".join(lines)
+
+
+def command(config, args, work: Path) -> tuple[str, dict]:
+    """bench.py --peer: (the table, the record)."""
+    seed = config.training.split_seed if args.split_seed is None else args.split_seed
+    record = compare(config, args.config, args.overrides, seed, args.minutes, work)
+    return table(record, config.labels.class_names), record

@@ -186,3 +186,10 @@ def step_costs(config, size: tuple[int, int, int], repeats: int = 3) -> list[dic
     for row in rows:
         row["x_peer"] = row["seconds"] / peer if peer else None
     return rows
+
+
+def command(config, args, work: Path) -> tuple[str, dict]:
+    """bench.py --profile: (the table, the record)."""
+    record = profile(config, args.epochs or 3, work)
+    record["step_costs"] = step_costs(config, tuple(record["patch_or_grid"]))
+    return table(record, args.minutes), record
