@@ -65,7 +65,9 @@ The algorithm, and why:
       first. A large piece (>= NEW_LEVEL_VOLUME x the median vertebra) lying more than
       NEW_LEVEL_FRACTION x the level height (median disc-to-disc distance; without discs the
       shortest seed-to-seed one) from every body's mid-plane is a vertebra of its own (a body
-      too thin to be a seed, e.g. cut by the field of view).
+      too thin to be a seed, e.g. cut by the field of view); below the lowest disc such a
+      piece is sacrum and dropped: an S1 predicted as vertebra and tilted out of the discs'
+      column (seen in a cross-validation prediction) would otherwise become "L5".
    e'. The sacrum (applied between d and e). SPIDER leaves the sacrum unlabelled and no
       vertebral body lies below the L5/S1 disc, yet a model may call a piece of the sacrum
       vertebra. A seeded vertebra whose
@@ -397,16 +399,21 @@ def _assign_pieces(
     volumes = np.bincount(labels.ravel())[1:]
     typical_volume = float(np.median(volumes[volumes > 0]))
     level_height = _level_height(seed_centres, discs)
-    for i in pieces:  # a large piece at a level of its own is a vertebra of its own
+    lowest_disc = max((c[1] for c in discs.values()), default=np.inf)
+    sacrum = set()
+    for i in pieces:  # a large piece at a level of its own is a vertebra of its own ...
         offsets = _level_offsets(centre[i], seed_centres, discs)
         if (
             min(offsets.values()) > NEW_LEVEL_FRACTION * level_height
             and stats.GetNumberOfPixels(i) >= NEW_LEVEL_VOLUME * typical_volume
         ):
+            if centre[i][1] > lowest_disc:  # ... but below L5/S1 it is sacrum: dropped
+                sacrum.add(i)
+                continue
             owner[i] = max(seed_centres) + 1
             seed_centres[int(owner[i])] = centre[i]
     for i in pieces:
-        if not owner[i]:
+        if not owner[i] and i not in sacrum:
             offsets = _level_offsets(centre[i], seed_centres, discs)
             owner[i] = min(offsets, key=offsets.get)
     return owner
