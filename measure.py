@@ -14,8 +14,8 @@ reaching the lateral parts, where discs and endplates curve away.
 - Disc height: the thickness of the disc along the spine's local axis, through the disc's
   centroid, and through the centres of its anterior and posterior thirds (thirds of its extent
   across the axis). The local axis runs from the body centroid below to the body centroid
-  above; where one is missing (L5/S1: the sacrum is unlabelled) the disc's own thinnest
-  direction (the minor principal axis of its mid-sagittal pixels).
+  above; where one is missing or only partly visible (L5/S1: the sacrum is unlabelled) the
+  disc's own thinnest direction (the minor principal axis of its mid-sagittal pixels).
 - Body height: the same on the body alone: the largest connected piece of the vertebra in the
   mid-sagittal slab (posterior elements are other pieces there), along the axis from the disc
   below to the disc above (else the bodies below and above).
@@ -179,6 +179,8 @@ def measure_levels(instances: sitk.Image) -> pd.DataFrame:
         label: _largest_piece(planes[label]) for label in labels if label < 100 or 100 < label < 200
     }
     body_centre = {k % 100: frame.centroid(p) for k, p in bodies.items()}
+    # a partially visible body's centroid is no anchor for the axis: its cut shifts it
+    whole_centre = {k: c for k, c in body_centre.items() if k in labels}
     disc_centre = {label - 200: frame.centroid(planes[label]) for label in labels if label > 200}
     canal = planes.get(100)
     rows = []
@@ -191,11 +193,11 @@ def measure_levels(instances: sitk.Image) -> pd.DataFrame:
         if label > 200:  # disc k lies between body k (above) and body k - 1 (below)
             k = label - 200
             centre, plane = disc_centre[k], planes[label]
-            above, below = body_centre.get(k), body_centre.get(k - 1)
+            above, below = whole_centre.get(k), whole_centre.get(k - 1)
             axis = _unit(below - above) if above is not None and below is not None else None
             if axis is None and centre is not None and plane.sum() >= 3:
                 axis = _thin_axis(frame, plane)
-                notes.append("axis: the disc's own thinnest direction (no body on one side)")
+                notes.append("axis: the disc's own thinnest direction (no whole body on one side)")
         else:
             k = label % 100
             centre, plane = body_centre[k], bodies[label]
