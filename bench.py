@@ -67,6 +67,7 @@ from config import (
     ModelConfig,
     PreprocessingConfig,
     TrainingConfig,
+    driver_arguments,
     load_config,
     patch_size,
     target_spacing,
@@ -594,7 +595,7 @@ def table_spacing(record: dict) -> str:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = driver_arguments(__doc__.splitlines()[0])  # --config and --set, as the drivers
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small grid and model, CPU, < 2 min")
     mode.add_argument("--demo", action="store_true", help="grid and model of --config")
@@ -608,7 +609,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    parser.add_argument("--config", type=Path, default=HERE / "configuration.txt")
     parser.add_argument("--work-dir", type=Path, help="folder for the temporary files")
     parser.add_argument(
         "--spacing",
@@ -627,14 +627,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="where a training epoch's time goes, for --config's setting (bench_profile.py)",
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="--profile: steps in M min")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one setting of --config (as the drivers' --set)",
-    )
     parser.add_argument(
         "--inference-only",
         action="store_true",

@@ -897,7 +897,7 @@ def write_instances(
     measure.measure_levels and their notes), <name>_qc.json (measure.quality_flags; the
     low-confidence flag where confidence, the largest class probability per voxel, is given)
     and <name>_levels.png (measure.plot_levels, on the scan where given). Returns (the paths,
-    the quality flags)."""
+    the CSV's table, the quality flags)."""
     from measure import measure_levels, plot_levels, quality_flags, write_qc
 
     paths = [
@@ -908,11 +908,12 @@ def write_instances(
     ]
     atomic_write_image(instances, paths[0])
     measurements = measure_levels(instances)
-    write_csv(instance_table(instances).merge(measurements, on="label", how="left"), paths[1])
+    table = instance_table(instances).merge(measurements, on="label", how="left")
+    write_csv(table, paths[1])
     qc = quality_flags(instances, measurements, confidence)
     write_qc(qc, paths[2])
     plot_levels(instances, measurements, qc, paths[3], scan)
-    return paths, qc
+    return paths, table, qc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -956,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        written, qc = write_instances(instances, args.output_dir, output_stem(path))
+        written, _, qc = write_instances(instances, args.output_dir, output_stem(path))
         note = level_note(instances)
         levels = f" (levels: {note})" if note else ""
         print(f"{path} -> {', '.join(map(str, written))}{levels}; qc: {flag_line(qc)}")

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        written, qc = write_instances(instances, args.output_dir, output_stem(path), scan)
+        written, _, qc = write_instances(instances, args.output_dir, output_stem(path), scan)
         print(f"{path} -> {', '.join(map(str, written))}; qc: {flag_line(qc)}")
     return 1 if failed else 0
 

@@ -26,7 +26,6 @@ and skipped; the exit status is 0 when every input was segmented, else 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -185,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"error: {path}: {err}")
             failed += 1
             continue
-        written = segmentation.write(args.output_dir, output_name(path), scan)
+        written, table, qc = segmentation.write(args.output_dir, output_name(path), scan)
         line = f"{path} -> {', '.join(str(p) for p in written)}"
-        if segmentation.instances is not None:
+        if qc is not None:
             note = level_note(segmentation.instances)
-            qc = json.loads((args.output_dir / f"{output_name(path)}_qc.json").read_text())
             line += (f" (levels: {note})" if note else "") + f"; qc: {flag_line(qc)}"
-            table = pd.read_csv(args.output_dir / f"{output_name(path)}_instances.csv")
             summary.append(summary_row(output_name(path), table, qc))
         tqdm.write(line)
     if summary:

@@ -243,23 +243,19 @@ class Segmentation:
     instances: sitk.Image | None = None  # SPIDER-numbered instances (the instance step)
     confidence: sitk.Image | None = None  # largest class probability per voxel, on the scan
 
-    def write(self, folder: Path, name: str, scan: sitk.Image | None = None) -> list[Path]:
+    def write(
+        self, folder: Path, name: str, scan: sitk.Image | None = None
+    ) -> tuple[list[Path], pd.DataFrame | None, dict | None]:
         """folder/<name>.mha, and with instances the scan's report (instances.write_instances:
         <name>_instances.mha and .csv with the measurements per level, <name>_qc.json,
-        <name>_levels.png on `scan`). Atomic writes."""
+        <name>_levels.png on `scan`). Atomic writes. Returns (the paths, the instances CSV's
+        table and the quality flags; both None without instances)."""
         paths = [folder / f"{name}.mha"]
         atomic_write_image(self.classes, paths[0])
-        if self.instances is not None:
-            paths += write_instances(self.instances, folder, name, scan, self.confidence)[0]
-        return paths
-
-    def quality(self) -> dict | None:
-        """The scan's quality flags (measure.quality_flags), None without instances."""
         if self.instances is None:
-            return None
-        from measure import measure_levels, quality_flags
-
-        return quality_flags(self.instances, measure_levels(self.instances), self.confidence)
+            return paths, None, None
+        written, table, qc = write_instances(self.instances, folder, name, scan, self.confidence)
+        return paths + written, table, qc
 
 
 @torch.no_grad()
