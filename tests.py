@@ -463,6 +463,27 @@ def test_strided_stem_costs_less_than_the_seed_shape():
     assert strided < 0.4 * seed
 
 
+def test_strided_stem_convolves_only_the_image_at_full_resolution():
+    """At full resolution a 3x3x3 convolution's backward pass is most of a CPU step: the
+    stem's light path convolves the image there (no input gradient) and mixes features 1x1x1."""
+    shape = (16, 32, 32)
+    full = []
+
+    def record(module, inputs, output):
+        if tuple(output.shape[2:]) == shape:
+            full.append((module.in_channels, module.kernel_size))
+
+    for stride in ((2, 2, 1), (2, 2, 2)):
+        model = UNet3D(num_classes=4, base_channels=8, depth=3, stem_stride=stride)
+        hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, Conv3d)]
+        full.clear()
+        model(torch.zeros(1, 1, *shape))
+        for hook in hooks:
+            hook.remove()
+        assert (1, (3, 3, 3)) in full
+        assert [c for c, k in full if k == (3, 3, 3)] == [1]
+
+
 def test_model_rejects_a_size_the_strided_stem_cannot_take():
     with pytest.raises(ValueError, match="not divisible by"):
         UNet3D(base_channels=4, depth=3, stem_stride=(2, 2, 1))(torch.zeros(1, 1, 8, 12, 16))

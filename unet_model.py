@@ -11,9 +11,10 @@ Options (all off by default: the seed's shape):
 - stem_stride (height, width, slices), e.g. (2, 2, 1): the first level's convolutions run at
   that reduced resolution (a strided first convolution, as MONAI's UNet and nnU-Net's plans
   do; 1 along an axis that is already coarse, such as 16 sagittal slices). Full-resolution
-  detail comes back through a light path: one convolution of the input with base / 2
+  detail comes back through a light path: one 3x3x3 convolution of the input with base / 2
   channels, concatenated with the transposed-convolution upsampling of the first level's
-  output, then one more convolution before the head.
+  output, mixed by a 1x1x1 convolution before the head. (A 3x3x3 convolution there cost
+  nearly half of a training step on the CPU: its backward pass at full resolution.)
 - residual: each block is a residual unit (conv-norm-act-conv-norm, plus the input through a
   1x1x1 projection where the width changes, then act), as nnU-Net's residual-encoder U-Net.
 - deep_supervision: a 1x1x1 head on each decoder level below the top too; in training mode the
@@ -171,7 +172,11 @@ class UNet3D(nn.Module):
                 *conv_norm(in_channels, top, norm), nn.LeakyReLU(0.01, inplace=True)
             )
             self.restore = nn.ConvTranspose3d(widths[0], top, stride, stride=stride)
-            self.fuse = nn.Sequential(*conv_norm(2 * top, top, norm), nn.LeakyReLU(0.01, True))
+            self.fuse = nn.Sequential(
+                Conv3d(2 * top, top, 1, bias=False),
+                make_norm(norm, top),
+                nn.LeakyReLU(0.01, inplace=True),
+            )
         self.head = nn.Conv3d(top, num_classes, 1)
         # deep supervision: the decoder levels below the one the full-resolution head reads
         self.supervised = (
