@@ -64,10 +64,13 @@ class Conv3d(nn.Conv3d):
         return super().forward(x)
 
 
-def conv_norm(in_channels: int, out_channels: int, norm: str, stride=1) -> list[nn.Module]:
-    """3x3x3 convolution (stride: an int or per (D, H, W) axis) and its norm."""
+def conv_norm(
+    in_channels: int, out_channels: int, norm: str, stride=1, kernel: int = 3
+) -> list[nn.Module]:
+    """kernel^3 convolution (stride: an int or per (D, H, W) axis; padded to keep the size
+    at stride 1) and its norm."""
     return [
-        Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        Conv3d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False),
         make_norm(norm, out_channels),
     ]
 
@@ -98,10 +101,7 @@ class ResidualBlock(nn.Module):
         )
         changes = in_channels != out_channels or stride not in (1, (1, 1, 1))
         self.shortcut = (
-            nn.Sequential(
-                Conv3d(in_channels, out_channels, 1, stride=stride, bias=False),
-                make_norm(norm, out_channels),
-            )
+            nn.Sequential(*conv_norm(in_channels, out_channels, norm, stride, kernel=1))
             if changes
             else nn.Identity()
         )
@@ -173,9 +173,7 @@ class UNet3D(nn.Module):
             )
             self.restore = nn.ConvTranspose3d(widths[0], top, stride, stride=stride)
             self.fuse = nn.Sequential(
-                Conv3d(2 * top, top, 1, bias=False),
-                make_norm(norm, top),
-                nn.LeakyReLU(0.01, inplace=True),
+                *conv_norm(2 * top, top, norm, kernel=1), nn.LeakyReLU(0.01, inplace=True)
             )
         self.head = nn.Conv3d(top, num_classes, 1)
         # deep supervision: the decoder levels below the one the full-resolution head reads
