@@ -64,23 +64,39 @@ def timer(clock: Stopwatch | None):
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random spatial + intensity augmentation of a batch, on its device.
+    """Random spatial + intensity augmentation of a batch (B, 1, D, H, W) images and (B, D, H, W)
+    masks, on its device.
 
     Spatial: rotation in the sagittal plane (+-aug_rotation_deg), isotropic scaling
     (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
-    flip. Images bilinear, masks nearest. Intensity: scale and shift (+-aug_intensity), gamma
-    (exp(+-aug_gamma)) on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise).
+    flip. Images bilinear, masks nearest; with no rotation and no scaling, flips alone, exact
+    and without resampling. Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma))
+    on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
     Random draws are made on the batch's device (no host round trip) with torch's global
     generators, whose states the checkpoints save.
     """
+    if settings.aug_rotation_deg or settings.aug_scale:
+        images, masks = _affine(images, masks, settings)
+    elif settings.aug_flip_lr:
+        flip = torch.rand(images.shape[0], device=images.device) < 0.5
+        images = torch.where(flip[:, None, None, None, None], images.flip(2), images)
+        masks = torch.where(flip[:, None, None, None], masks.flip(1), masks)
+    return _intensity(images, settings), masks
+
+
+def _uniform(*shape: int, scale: float, device: torch.device) -> torch.Tensor:
+    """Uniform draws in [-scale, scale)."""
+    return (torch.rand(*shape, device=device) * 2 - 1) * scale
+
+
+def _affine(
+    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """augment_batch's rotation, scaling and flip, one resampling."""
     batch, device = images.shape[0], images.device
     depth, height, width = images.shape[2:]
-
-    def uniform(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.rand(*shape, device=device) * 2 - 1) * scale
-
-    angle = uniform(batch, scale=math.radians(settings.aug_rotation_deg))
-    zoom = 1 + uniform(batch, scale=settings.aug_scale)
+    angle = _uniform(batch, scale=math.radians(settings.aug_rotation_deg), device=device)
+    zoom = 1 + _uniform(batch, scale=settings.aug_scale, device=device)
     flip = torch.ones(batch, device=device)
     if settings.aug_flip_lr:
         flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
@@ -105,17 +121,25 @@ def augment_batch(
     masks = F.grid_sample(
         masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )[:, 0].to(masks.dtype)
-
-    shape = (batch, 1, 1, 1, 1)
-    low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
-    span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
-    gamma = torch.exp(uniform(*shape, scale=settings.aug_gamma))
-    images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
-    gain = 1 + uniform(*shape, scale=settings.aug_intensity)
-    offset = uniform(*shape, scale=settings.aug_intensity)
-    noise_std = torch.rand(shape, device=device) * settings.aug_noise
-    images = images * gain + offset + torch.randn_like(images) * noise_std
     return images, masks
+
+
+def _intensity(images: torch.Tensor, settings: TrainingConfig) -> torch.Tensor:
+    """augment_batch's gamma, scale and shift, and noise; each skipped where its setting is 0."""
+    shape, device = (images.shape[0], 1, 1, 1, 1), images.device
+    if settings.aug_gamma:
+        low = images.amin(dim=(1, 2, 3, 4), keepdim=True)
+        span = (images.amax(dim=(1, 2, 3, 4), keepdim=True) - low).clamp_min(1e-6)
+        gamma = torch.exp(_uniform(*shape, scale=settings.aug_gamma, device=device))
+        images = ((images - low) / span).clamp(0, 1).pow(gamma) * span + low
+    if settings.aug_intensity:
+        gain = 1 + _uniform(*shape, scale=settings.aug_intensity, device=device)
+        offset = _uniform(*shape, scale=settings.aug_intensity, device=device)
+        images = images * gain + offset
+    if settings.aug_noise:
+        noise_std = torch.rand(shape, device=device) * settings.aug_noise
+        images = images + torch.randn_like(images) * noise_std
+    return images
 
 
 class SegmentationLoss(nn.Module):

@@ -649,6 +649,25 @@ def test_augmentation_keeps_image_and_mask_aligned():
     assert full.dtype == masks.dtype and set(full.unique().tolist()) <= {0, 1, 2}
 
 
+def test_flip_only_augmentation_is_exact_and_moves_image_and_mask_together():
+    """No rotation, scaling or intensity change: each volume is itself or its left-right
+    mirror (the slice axis), unresampled, and its mask is mirrored with it."""
+    torch.manual_seed(1)
+    images = torch.randn(8, 1, 4, 6, 5)
+    masks = torch.randint(0, 3, (8, 4, 6, 5))
+    flips = TrainingConfig(
+        aug_rotation_deg=0, aug_scale=0, aug_intensity=0, aug_gamma=0, aug_noise=0
+    )
+    moved_images, moved_masks = augment_batch(images, masks, flips)
+    mirrored = [torch.equal(moved_images[i], images[i].flip(1)) for i in range(8)]
+    for i in range(8):
+        assert torch.equal(moved_images[i], images[i].flip(1) if mirrored[i] else images[i])
+        assert torch.equal(moved_masks[i], masks[i].flip(0) if mirrored[i] else masks[i])
+    assert 0 < sum(mirrored) < 8  # both outcomes drawn (seeded)
+    still = augment_batch(images, masks, replace(flips, aug_flip_lr=False))
+    assert torch.equal(still[0], images) and torch.equal(still[1], masks)
+
+
 def test_orphan_masks_are_matched_by_exact_case_id(tmp_path):
     for folder, name in (("images", "11_t1.mha"), ("masks", "11_t1.mha"), ("masks", "1_t1.mha")):
         (tmp_path / folder).mkdir(exist_ok=True)
