@@ -27,6 +27,8 @@ import json
 from pathlib import Path
 
 from config import ConfigError, LabelsConfig, PreprocessingConfig
+from config import patch_size as parse_patch_size
+from config import target_spacing as parse_target_spacing
 from spacing_mode import format_spacing
 from vertebraeseg import (
     BODY_MASK_RESOLUTION_MM,
@@ -100,8 +102,23 @@ def read_plan(preprocessed_dir: Path) -> dict[str, object]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def canonical_settings(plan: dict[str, object]) -> dict[str, object]:
+    """The plan with its spacing and patch settings written one way ('1.0,1.0,1.3' and
+    '1, 1, 1.3' are the same setting; 'AUTO' is 'auto'), for comparing plans."""
+    plan = dict(plan)
+    if isinstance(plan.get("target_spacing"), str):
+        spacing = parse_target_spacing(plan["target_spacing"])
+        plan["target_spacing"] = "auto" if spacing is None else format_spacing(spacing)
+    if isinstance(plan.get("patch_size_setting"), str):
+        size = parse_patch_size(plan["patch_size_setting"], (1, 1, 1))
+        plan["patch_size_setting"] = "auto" if size is None else ", ".join(map(str, size))
+    return plan
+
+
 def check_plan(found: dict[str, object], expected: dict[str, object], where: Path) -> None:
-    """Raise ConfigError naming every key whose value differs, with both values."""
+    """Raise ConfigError naming every key whose value differs, with both values (the spacing
+    and patch settings compared as values, not as text: canonical_settings)."""
+    found, expected = canonical_settings(found), canonical_settings(expected)
     changed = [
         f"{key}: preprocessed with {found.get(key)!r}, the configuration says {expected.get(key)!r}"
         for key in sorted(set(found) | set(expected))

@@ -36,7 +36,7 @@ from patches import (
     sliding_window_probabilities,
     window_starts,
 )
-from plan import make_plan
+from plan import check_plan, make_plan
 from preprocess_script import preprocess_dataset
 from spacing_mode import auto_patch_size, auto_target_spacing
 from spider_metrics import (
@@ -2968,6 +2968,24 @@ def test_patient_folds_are_disjoint_and_cover_everyone():
     assert (split.loc[folds["fold"] < 0, "split"] == "test").all()
     with pytest.raises(ValueError, match="folds = 30"):
         patient_folds(cases, 30, 0.15, seed=3)
+
+
+def test_plan_check_compares_spacing_and_patch_as_values_not_text():
+    """Preprocessed with --set target_spacing=1.0,1.0,1.3, trained with the file's
+    '1.0, 1.0, 1.3': the same plan. Another spacing or patch is still refused, by name."""
+
+    def plan(spacing: str, patch: str) -> dict:
+        settings = PreprocessingConfig(mode="spacing", target_spacing=spacing)
+        return make_plan(settings, SPIDER_LABELS, patch)
+
+    found = plan("1.0,1.0,1.3", "304,176,16")
+    check_plan(found, plan("1, 1.0, 1.30", "304, 176, 16"), Path("pre"))
+    check_plan(plan("auto", "auto"), plan("AUTO", " auto"), Path("pre"))
+    with pytest.raises(ConfigError, match="target_spacing") as error:
+        check_plan(found, plan("1.0, 1.0, 1.2", "304, 176, 16"), Path("pre"))
+    assert "patch_size_setting" not in str(error.value)
+    with pytest.raises(ConfigError, match="patch_size_setting"):
+        check_plan(found, plan("1.0, 1.0, 1.3", "304, 176, 32"), Path("pre"))
 
 
 def test_ensemble_probabilities_are_the_mean_of_the_members(tmp_path):
