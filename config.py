@@ -95,6 +95,7 @@ class ModelConfig:
     stem_stride: tuple[int, int, int] = (1, 1, 1)  # (height, width, slices), each 1 or 2
     residual: bool = False
     deep_supervision: bool = False
+    channels: tuple[int, ...] = ()  # one width per level; () = base_channels * 2**level
 
     @property
     def size_multiple(self) -> tuple[int, int, int]:
@@ -366,6 +367,11 @@ def _check(config: Config) -> None:
     p, m = config.preprocessing, config.model
     if any(s not in (1, 2) for s in m.stem_stride):
         raise ConfigError(f"[model] stem_stride = {m.stem_stride}: each value must be 1 or 2")
+    if m.channels and (len(m.channels) != m.depth or min(m.channels) < 1):
+        raise ConfigError(
+            f"[model] channels = {', '.join(map(str, m.channels))}: one positive width per "
+            f"level, [model] depth = {m.depth} of them (or empty: base_channels * 2^level)"
+        )
     for axis, size, factor in zip(
         ("height", "width", "slices"), p.grid, m.size_multiple, strict=True
     ):

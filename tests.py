@@ -416,6 +416,7 @@ def test_model_rejects_grid_not_divisible():
         {"residual": True},
         {"deep_supervision": True},
         {"stem_stride": (2, 2, 1), "residual": True, "deep_supervision": True},
+        {"stem_stride": (2, 2, 2), "deep_supervision": True, "channels": [4, 12, 20]},
     ],
 )
 def test_model_options_keep_the_output_at_full_resolution(options):
@@ -435,6 +436,19 @@ def test_model_options_keep_the_output_at_full_resolution(options):
     model.eval()
     assert model(image).shape == (2, 3, 8, 24, 16)  # eval: the full-resolution logits only
     assert UNet3D(**model.arguments).arguments == model.arguments  # checkpoints rebuild it
+
+
+def test_channels_set_each_level_width_and_a_wrong_count_is_refused(tmp_path):
+    model = UNet3D(num_classes=3, depth=3, stem_stride=(2, 2, 2), channels=[4, 12, 20])
+    encoder_widths = [block[-3].out_channels for block in model.encoders]  # each block's last conv
+    assert encoder_widths == [4, 12, 20]
+    assert model.full_resolution[0].out_channels == 2  # half the first level's width
+    with pytest.raises(ValueError, match="one positive width per level"):
+        UNet3D(depth=3, channels=[4, 8])
+    (tmp_path / "raw").mkdir()
+    cfg = write_config(tmp_path, tmp_path / "raw", model={"depth": 3, "channels": "4, 8"})
+    with pytest.raises(ConfigError, match=r"\[model\] channels = 4, 8: one positive width"):
+        load_config(cfg)
 
 
 def test_strided_stem_costs_less_than_the_seed_shape():

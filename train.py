@@ -301,6 +301,7 @@ def fit(
         "stem_stride": list(model_settings.stem_stride),
         "residual": model_settings.residual,
         "deep_supervision": model_settings.deep_supervision,
+        "channels": list(model_settings.channels) or None,
     }
     model, optimizer, scheduler = make_model_and_optimizer(
         model_args, model_settings.norm, settings, device, channels_last, dist_info

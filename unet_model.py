@@ -5,7 +5,9 @@ Input  (batch, in_channels, slices, height, width) = (B, 1, D, H, W) float.
 Output (batch, num_classes, D, H, W) logits (no softmax); in training mode with
 deep_supervision a list of them: full resolution first, then each coarser decoder level's.
 Channels per level are base_channels * 2**level; the default (32, depth 5) is the seed's
-32-64-128-256-512. Every size must be a multiple of size_multiple(depth, stem_stride).
+32-64-128-256-512. `channels` (one width per level) sets them instead, e.g. 12-32-64-128:
+wide where the voxels are few (MONAI's UNet `channels`, nnU-Net's features per stage).
+Every size must be a multiple of size_multiple(depth, stem_stride).
 
 Options (all off by default: the seed's shape):
 - stem_stride (height, width, slices), e.g. (2, 2, 1): the first level's convolutions run at
@@ -126,10 +128,13 @@ class UNet3D(nn.Module):
         stem_stride: tuple[int, int, int] = (1, 1, 1),
         residual: bool = False,
         deep_supervision: bool = False,
+        channels: list[int] | None = None,
     ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
+        if channels is not None and (len(channels) != depth or min(channels) < 1):
+            raise ValueError(f"channels {channels}: one positive width per level (depth {depth})")
         stem_stride = tuple(int(s) for s in stem_stride)
         if len(stem_stride) != 3 or any(s not in (1, 2) for s in stem_stride):
             raise ValueError(f"stem_stride {stem_stride}: three values of 1 or 2 (H, W, slices)")
@@ -142,9 +147,10 @@ class UNet3D(nn.Module):
             "stem_stride": list(stem_stride),
             "residual": residual,
             "deep_supervision": deep_supervision,
+            "channels": None if channels is None else [int(c) for c in channels],
         }
         block = ResidualBlock if residual else ConvBlock
-        widths = [base_channels * 2**level for level in range(depth)]
+        widths = self.arguments["channels"] or [base_channels * 2**level for level in range(depth)]
         stride = (
             stem_stride[2],
             stem_stride[0],
@@ -167,7 +173,7 @@ class UNet3D(nn.Module):
         )
         top = widths[0]
         if self.strided:  # the light full-resolution path
-            top = max(base_channels // 2, 1)
+            top = max(widths[0] // 2, 1)
             self.full_resolution = nn.Sequential(
                 *conv_norm(in_channels, top, norm), nn.LeakyReLU(0.01, inplace=True)
             )
