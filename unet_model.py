@@ -133,6 +133,7 @@ class UNet3D(nn.Module):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
+        channels = [int(c) for c in channels] if channels else None  # () from ModelConfig
         if channels is not None and (len(channels) != depth or min(channels) < 1):
             raise ValueError(f"channels {channels}: one positive width per level (depth {depth})")
         stem_stride = tuple(int(s) for s in stem_stride)
@@ -147,7 +148,7 @@ class UNet3D(nn.Module):
             "stem_stride": list(stem_stride),
             "residual": residual,
             "deep_supervision": deep_supervision,
-            "channels": None if channels is None else [int(c) for c in channels],
+            "channels": channels,
         }
         block = ResidualBlock if residual else ConvBlock
         widths = self.arguments["channels"] or [base_channels * 2**level for level in range(depth)]
