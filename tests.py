@@ -2951,6 +2951,12 @@ def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
         for name in config.labels.class_names[1:]:
             assert 0.0 <= system[f"{name}_dice"] <= 1.0
     assert record["systems"][1]["training_minutes"] == pytest.approx(0.05, abs=0.05)
+    cases = pd.DataFrame(record["cases"])  # per case, per system: the volumes too
+    assert len(cases) == 2 * record["test_cases"] * (len(config.labels.class_names) - 1)
+    assert set(cases["system"]) == {"project", "MONAI peer"}
+    assert (cases["reference_voxels"] > 0).all() and (cases["predicted_voxels"] >= 0).all()
+    project_means = cases[cases["system"] == "project"].groupby("class")["dice"].mean()
+    assert project_means["vertebrae"] == pytest.approx(record["systems"][0]["vertebrae_dice"])
     text = bench_peer.table(record, config.labels.class_names)
     assert "MONAI peer" in text and "patches/s" in text
 
