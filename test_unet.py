@@ -34,7 +34,7 @@ from instances import (
     write_instances,
 )
 from patches import model_predictor, window_probabilities
-from plan import plan_lookup, plan_settings
+from plan import canonical_settings, plan_lookup, plan_settings
 from spider_metrics import disc_components_reference, spider_scores, summarise_spider
 from store_plot_metrics import plot_overlay, write_csv
 from train import build_model
@@ -216,9 +216,16 @@ def check_same_plans(states: list[dict], names: list[str] | None = None) -> None
     label map, grid or spacing and patch) and class names; the message names the key and both
     values. names: how to call the checkpoints in the message (default #1, #2, ...)."""
     names = names or [f"#{i + 1}" for i in range(len(states))]
-    first = {**plan_from_checkpoint(states[0]), "class_names": states[0]["class_names"]}
+
+    def plan_and_classes(state: dict) -> dict:  # settings compared as values: canonical_settings
+        return {
+            **canonical_settings(plan_from_checkpoint(state)),
+            "class_names": state["class_names"],
+        }
+
+    first = plan_and_classes(states[0])
     for name, state in zip(names[1:], states[1:], strict=True):
-        other = {**plan_from_checkpoint(state), "class_names": state["class_names"]}
+        other = plan_and_classes(state)
         for key in sorted(set(first) | set(other)):
             if first.get(key) != other.get(key):
                 raise ValueError(

@@ -2992,7 +2992,8 @@ def test_patient_folds_are_disjoint_and_cover_everyone():
 
 def test_plan_check_compares_spacing_and_patch_as_values_not_text():
     """Preprocessed with --set target_spacing=1.0,1.0,1.3, trained with the file's
-    '1.0, 1.0, 1.3': the same plan. Another spacing or patch is still refused, by name."""
+    '1.0, 1.0, 1.3': the same plan, for training and for an ensemble's members. Another
+    spacing or patch is still refused, by name."""
 
     def plan(spacing: str, patch: str) -> dict:
         settings = PreprocessingConfig(mode="spacing", target_spacing=spacing)
@@ -3006,6 +3007,15 @@ def test_plan_check_compares_spacing_and_patch_as_values_not_text():
     assert "patch_size_setting" not in str(error.value)
     with pytest.raises(ConfigError, match="patch_size_setting"):
         check_plan(found, plan("1.0, 1.0, 1.3", "304, 176, 32"), Path("pre"))
+    # an ensemble's members: the same comparison (test_unet.check_same_plans)
+    from test_unet import check_same_plans
+
+    def state(spacing: str) -> dict:
+        return {"plan": plan(spacing, "304,176,16"), "class_names": list(SPIDER_LABELS.class_names)}
+
+    check_same_plans([state("1.0,1.0,1.3"), state("1.0, 1.0, 1.3")])
+    with pytest.raises(ValueError, match="differ in target_spacing"):
+        check_same_plans([state("1.0,1.0,1.3"), state("1.0, 1.0, 1.2")])
 
 
 def test_ensemble_probabilities_are_the_mean_of_the_members(tmp_path):
