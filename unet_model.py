@@ -26,6 +26,8 @@ Options (all off by default: the seed's shape):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -128,7 +130,7 @@ class UNet3D(nn.Module):
         stem_stride: tuple[int, int, int] = (1, 1, 1),
         residual: bool = False,
         deep_supervision: bool = False,
-        channels: list[int] | None = None,
+        channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if depth < 2:
@@ -151,7 +153,7 @@ class UNet3D(nn.Module):
             "channels": channels,
         }
         block = ResidualBlock if residual else ConvBlock
-        widths = self.arguments["channels"] or [base_channels * 2**level for level in range(depth)]
+        widths = channels or [base_channels * 2**level for level in range(depth)]
         stride = (
             stem_stride[2],
             stem_stride[0],
