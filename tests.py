@@ -2931,6 +2931,28 @@ def test_bench_profile_splits_each_epoch_into_its_parts(tmp_path, tiny_raw, caps
     assert not (tmp_path / "run").exists()  # a temporary run folder, not the configured one
 
 
+@pytest.mark.parametrize("crop", ["true", "false"])
+def test_bench_spacing_times_patch_training_and_a_slab_sized_scan(tmp_path, tiny_raw, capsys, crop):
+    """bench.py --spacing (bench_spacing.py) with a tiny network at a coarse spacing: the row
+    names the configuration's patch, spacing and TTA, and both speeds are positive."""
+    import bench
+
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        preprocessing={**SPACING_MODE["preprocessing"], "target_spacing": "4, 4, 6", "crop": crop},
+        training=SPACING_MODE["training"],
+        testing={"tta_flip": "true"},
+    )
+    assert bench.main(["--spacing", "--config", str(cfg), "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    row = json.loads(lines[-1])["spacing_mode"]
+    assert row["patch_size"] == [32, 32, 16] and row["target_spacing_mm"] == [4.0, 4.0, 6.0]
+    assert row["scan_size"] == [512, 640, 24] and row["tta_flip"] is True
+    assert row["train_patches_per_s"] > 0 and row["seconds_per_scan"] > 0
+    assert lines[-4].startswith("bench spacing on") and "patch 32x32x16" in lines[-4]
+
+
 def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
     """bench.py --peer's two systems on the same patients, at a tiny size and budget."""
     pytest.importorskip(
