@@ -9,8 +9,9 @@
                                   grid, 450 volumes; for a GPU (many hours on 2 CPU cores)
     python bench.py --profile --config FILE [--epochs N] [--minutes M] [--set KEY=VALUE]
                                   where a training epoch's time goes (bench_profile.py)
-    python bench.py --peer --minutes M --config FILE [--split-seed S]
-                                  FILE's setting beside a plain MONAI script (bench_peer.py)
+    python bench.py --peer --minutes M --config FILE [--split-seed S] [--project-run DIR]
+                                  FILE's setting beside a plain MONAI script (bench_peer.py);
+                                  DIR: a finished project run to score instead of training one
     python bench.py --spacing --config FILE
                                   spacing mode only: training patches/s and seconds per scan of
                                   sliding-window inference with FILE's model, patch and spacing
@@ -499,12 +500,22 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="--config's setting beside a plain MONAI script, --minutes each (bench_peer.py)",
     )
     parser.add_argument("--split-seed", type=int, help="--peer: default [training] split_seed")
+    parser.add_argument(
+        "--project-run",
+        type=Path,
+        help="--peer: a finished project run folder to score instead of training one",
+    )
     mode.add_argument(
         "--profile",
         action="store_true",
         help="where a training epoch's time goes, for --config's setting (bench_profile.py)",
     )
-    parser.add_argument("--minutes", type=float, default=30.0, help="--profile: steps in M min")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="--profile: steps in M min (default 30); --peer: the peer's training minutes "
+        "(default 30, or as long as --project-run's run trained)",
+    )
     parser.add_argument(
         "--inference-only",
         action="store_true",

@@ -6,7 +6,10 @@ each test scan predicted from its raw file and scored in its own geometry (Dice,
 per structure, test_unet.case_metrics):
 - the project: FILE's setting as it is (trainandtest_script on FILE's preprocessed data, run
   folder WORK/project), its epochs fixed by FILE (set them so that training fits M minutes:
-  `bench.py --profile` says how many steps do);
+  `bench.py --profile` says how many steps do); or, with `--project-run DIR`, a finished run
+  folder of the project (its split, its best checkpoint, its training minutes), so that a run
+  made before is set beside the peer without training it again (the peer then trains for
+  that run's minutes unless --minutes is given);
 - the peer (issue 18's recipe): monai.networks.nets.UNet(3-D, channels 16-32-64-128-256,
   strides 2, 2, 2, 2, 2 residual units), DiceCELoss (softmax, one-hot targets), AdamW (lr 2e-3,
   weight decay 1e-4) with a cosine schedule over the M-minute budget, batches of 2 random
@@ -113,25 +116,34 @@ def compare(
     config_path: Path,
     overrides: list[str],
     split_seed: int,
-    minutes: float,
+    minutes: float | None,
     work: Path,
     patch: tuple[int, int, int] = PEER_PATCH,
     spacing: str = PEER_SPACING,
+    project_run: Path | None = None,
 ) -> dict[str, object]:
     """Train and test both systems; returns the record (see the module docstring). config:
-    load_config(config_path, overrides); patch (slices, S-I, A-P) and spacing: the peer's."""
+    load_config(config_path, overrides); patch (slices, S-I, A-P) and spacing: the peer's.
+    project_run: a finished project run folder to score instead of training one (its own split
+    seed is the record's; minutes None: the peer trains as long as that run did)."""
     import trainandtest_script
     from patches import pad_to_patch
     from plan import plan_lookup, read_plan
     from test_unet import Predictor, case_metrics, read_reference, segment_scan
     from train import load_checkpoint
 
-    run_dir = work / "project"
-    args = ["--config", str(config_path)] + [f"--set={o}" for o in overrides]
-    args += ["--set", f"training.split_seed={split_seed}"]
-    args += ["--set", f"paths.output_dir={run_dir}", "--set", "testing.figures=0"]
-    if trainandtest_script.main(args) != 0:
-        raise RuntimeError("the project's run failed")
+    if project_run is None:
+        run_dir = work / "project"
+        args = ["--config", str(config_path)] + [f"--set={o}" for o in overrides]
+        args += ["--set", f"training.split_seed={split_seed}"]
+        args += ["--set", f"paths.output_dir={run_dir}", "--set", "testing.figures=0"]
+        if trainandtest_script.main(args) != 0:
+            raise RuntimeError("the project's run failed")
+    else:
+        run_dir = project_run
+        training = finished_run_training(run_dir)  # the run's own split, steps and batch
+        config = replace(config, training=replace(config.training, **training))
+        split_seed = config.training.split_seed
     history = pd.read_csv(run_dir / "metrics_epochs.csv")
     split = pd.read_csv(run_dir / "splits.csv", dtype=str)
     manifest = trainandtest_script.read_manifest(config.paths.preprocessed_dir)
@@ -151,6 +163,8 @@ def compare(
         "steps": int(len(history) * steps_per_epoch),
         "batch_size": config.training.batch_size,
     }
+    if minutes is None:
+        minutes = project["training_minutes"]
     volumes = []
     for case in rows["train"].itertuples():
         scan, reference, _ = read_reference(Path(case.image_path), Path(case.mask_path), lookup)
@@ -201,6 +215,22 @@ def compare(
     }
 
 
+def finished_run_training(run_dir: Path) -> dict[str, int]:
+    """split_seed, steps_per_epoch and batch_size of a finished project run folder (its
+    run_config.json); a folder without its best checkpoint, epoch table, split or
+    configuration is refused by name."""
+    import json
+
+    needed = ["checkpoints/best.pt", "metrics_epochs.csv", "splits.csv", "run_config.json"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: not a finished run folder, missing {', '.join(missing)}"
+        )
+    training = json.loads((run_dir / "run_config.json").read_text())["training"]
+    return {key: int(training[key]) for key in ("split_seed", "steps_per_epoch", "batch_size")}
+
+
 def table(record: dict, class_names: tuple[str, ...]) -> str:
     """One row per system."""
     names = class_names[1:]
@@ -224,5 +254,10 @@ def table(record: dict, class_names: tuple[str, ...]) -> str:
 def command(config, args, work: Path) -> tuple[str, dict]:
     """bench.py --peer: (the table, the record)."""
     seed = config.training.split_seed if args.split_seed is None else args.split_seed
-    record = compare(config, args.config, args.overrides, seed, args.minutes, work)
+    minutes = args.minutes
+    if minutes is None and args.project_run is None:
+        minutes = 30.0
+    record = compare(
+        config, args.config, args.overrides, seed, minutes, work, project_run=args.project_run
+    )
     return table(record, config.labels.class_names), record

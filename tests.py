@@ -2981,6 +2981,24 @@ def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
     assert project_means["vertebrae"] == pytest.approx(record["systems"][0]["vertebrae_dice"])
     text = bench_peer.table(record, config.labels.class_names)
     assert "MONAI peer" in text and "patches/s" in text
+    # A finished project run set beside the peer again (--project-run): its own split seed,
+    # the same project rows, and the peer trains as long as that run did.
+    project_run = tmp_path / "work" / "project"
+    again = bench_peer.compare(
+        config, cfg, [], 5, None, tmp_path / "work2", (16, 32, 32), "3, 3, 3", project_run
+    )
+    assert again["split_seed"] == 0 and not (tmp_path / "work2" / "project").exists()
+    assert again["systems"][0]["steps"] == record["systems"][0]["steps"]
+    rows = pd.DataFrame(again["cases"])
+    assert (
+        rows[rows["system"] == "project"]["dice"].tolist()
+        == cases[cases["system"] == "project"]["dice"].tolist()
+    )
+    project_minutes = again["systems"][0]["training_minutes"]
+    assert again["systems"][1]["training_minutes"] == pytest.approx(project_minutes, abs=0.05)
+    (project_run / "splits.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="missing splits.csv"):
+        bench_peer.compare(config, cfg, [], 0, 0.01, tmp_path / "work3", project_run=project_run)
 
 
 # ---------------------------------------------------------------- cross-validation, ensembles
