@@ -2563,6 +2563,25 @@ def test_torchrun_two_processes_match_a_single_process_run(tmp_path, tiny_raw):
 
 
 @pytest.mark.skipif(not SLABS.is_dir(), reason=f"real SPIDER sample not found at {SLABS}")
+def test_shipped_slab_setting_keeps_every_reference_voxel_the_body_crop_lost():
+    """Patients 22 and 55: on a scan alone (as at test time) the Otsu body crop stops inside
+    their vertebral bodies (the anterior abdomen is as dark as the air); the shipped slab
+    setting (crop = false) keeps every reference voxel of theirs."""
+    from test_unet import outside_crop_fraction
+
+    cfg = load_config(ROOT / "configuration_spider_slabs.txt")
+    assert not cfg.preprocessing.crop
+    cases, _ = discover_cases(SLABS, cfg.data.sequences)
+    for files in (c for c in cases if c.patient_id in ("22", "55")):
+        _, image, labels = load_case(files, cfg.labels.lookup())  # both reoriented (PIR)
+        lost = {}
+        for crop in (True, False):
+            grid = to_grid(image, None, replace(cfg.preprocessing, crop=crop))
+            lost[crop] = outside_crop_fraction(labels, grid.crop_index, grid.crop_size, 1)
+        assert lost[False] == 0.0
+        assert lost[True] > 0.02, (files.case_id, lost)
+
+
 def test_real_spider_slabs_map_labels_and_round_trip(tmp_path):
     """Two real slabs through the label map: class values, geometry, and the way back.
 
