@@ -84,6 +84,7 @@ NO_SITK = "SimpleITK is not installed"
 DICE_TOLERANCE = 0.05  # allowed |pipeline Dice - seed-style Dice| after the same schedule
 CLASS_MEANS = np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32)  # image intensity of class 0..3
 NOISE_STD = 0.3
+DEFAULT_MINUTES = 30.0  # --profile's steps in M minutes, --peer's training minutes
 SCAN_GRID = (512, 512, 15)  # the SPIDER-size test scan: (height S-I, width A-P, slices)
 
 
@@ -525,6 +526,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "volumes", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.project_run is not None and not args.peer:
+        parser.error("--project-run goes with --peer")
+    if args.minutes is None and args.project_run is None:  # else the run's own minutes
+        args.minutes = DEFAULT_MINUTES
     return args
 
 

@@ -221,13 +221,15 @@ def finished_run_training(run_dir: Path) -> dict[str, int]:
     configuration is refused by name."""
     import json
 
-    needed = ["checkpoints/best.pt", "metrics_epochs.csv", "splits.csv", "run_config.json"]
+    from trainandtest_script import RUN_RECORD
+
+    needed = ["checkpoints/best.pt", "metrics_epochs.csv", "splits.csv", RUN_RECORD]
     missing = [name for name in needed if not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{run_dir}: not a finished run folder, missing {', '.join(missing)}"
         )
-    training = json.loads((run_dir / "run_config.json").read_text())["training"]
+    training = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))["training"]
     return {key: int(training[key]) for key in ("split_seed", "steps_per_epoch", "batch_size")}
 
 
@@ -254,10 +256,7 @@ def table(record: dict, class_names: tuple[str, ...]) -> str:
 def command(config, args, work: Path) -> tuple[str, dict]:
     """bench.py --peer: (the table, the record)."""
     seed = config.training.split_seed if args.split_seed is None else args.split_seed
-    minutes = args.minutes
-    if minutes is None and args.project_run is None:
-        minutes = 30.0
     record = compare(
-        config, args.config, args.overrides, seed, minutes, work, project_run=args.project_run
+        config, args.config, args.overrides, seed, args.minutes, work, project_run=args.project_run
     )
     return table(record, config.labels.class_names), record

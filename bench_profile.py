@@ -192,4 +192,4 @@ def command(config, args, work: Path) -> tuple[str, dict]:
     """bench.py --profile: (the table, the record)."""
     record = profile(config, args.epochs or 3, work)
     record["step_costs"] = step_costs(config, tuple(record["patch_or_grid"]))
-    return table(record, 30.0 if args.minutes is None else args.minutes), record
+    return table(record, args.minutes), record

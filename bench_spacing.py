@@ -28,8 +28,9 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     over 8 synthetic volumes of 1.5 patches per axis, foreground-oversampled batches through
     steps.run_epoch with augmentation. Inference: test_unet.segment_scan (read excluded) of a
     synthetic scan of a real slab's size and spacing, 512 x 640 x 24 at 0.47 x 0.47 x 0.9 mm
-    (crop, resample to the target spacing, sliding window with [testing] overlap and tta_flip,
-    probabilities back onto the scan; no instance step).
+    (the body crop where [preprocessing] crop is on, resample to the target spacing, sliding
+    window with [testing] overlap and tta_flip, probabilities back onto the scan; no instance
+    step).
     """
     import SimpleITK as sitk
 

@@ -2973,6 +2973,21 @@ def test_bench_spacing_times_patch_training_and_a_slab_sized_scan(tmp_path, tiny
     assert lines[-4].startswith("bench spacing on") and "patch 32x32x16" in lines[-4]
 
 
+def test_bench_minutes_default_and_project_run_only_with_peer(tmp_path, capsys):
+    """--minutes defaults to 30 unless --peer scores a finished run (then the run's own
+    minutes); --project-run without --peer is refused by name."""
+    import bench
+
+    config = ["--config", str(ROOT / "configuration.txt")]
+    assert bench.parse_arguments(["--profile", *config]).minutes == bench.DEFAULT_MINUTES
+    assert bench.parse_arguments(["--peer", *config]).minutes == bench.DEFAULT_MINUTES
+    scored = bench.parse_arguments(["--peer", *config, "--project-run", str(tmp_path)])
+    assert scored.minutes is None and scored.project_run == tmp_path
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--profile", *config, "--project-run", str(tmp_path)])
+    assert "--project-run goes with --peer" in capsys.readouterr().err
+
+
 def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
     """bench.py --peer's two systems on the same patients, at a tiny size and budget."""
     pytest.importorskip(
