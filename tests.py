@@ -21,7 +21,14 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, PreprocessingConfig, TrainingConfig, load_config, target_spacing
+from config import (
+    ConfigError,
+    PreprocessingConfig,
+    TrainingConfig,
+    load_config,
+    patch_size,
+    target_spacing,
+)
 from devices import Distributed, bf16_supported
 from instances import instance_table, level_name, level_note, number_levels, separate_instances
 from metrics import confusion_matrix, scores_from_confusion
@@ -1576,6 +1583,26 @@ def test_window_starts_cover_everything(size, patch, overlap):
         assert len(values) == math.ceil((size[axis] - patch[axis]) / target) + 1
         steps = np.diff(values)
         assert (steps >= 1).all() and (steps <= math.ceil(target)).all()
+
+
+def test_shipped_slab_windows_tile_a_slab_two_by_two():
+    """The slab file's patch and overlap: a slab's 300 x 240 mm sagittal plane at 1 mm (17
+    slices of 1.3 mm) takes 2 x 2 windows in the plane (3 x 2 at nnU-Net's 0.5), all of it
+    covered, the windows overlapping by at least 1/8 of the patch."""
+    cfg = load_config(ROOT / "configuration_spider_slabs.txt")
+    height, width, slices = patch_size(cfg.training.patch_size, cfg.model.size_multiple)
+    patch = (slices, height, width)
+    size = (17, 300, 240)
+    starts = window_starts(size, patch, cfg.testing.overlap)
+    assert [len({s[axis] for s in starts}) for axis in range(3)] == [2, 2, 2]
+    assert [len({s[axis] for s in window_starts(size, patch, 0.5)}) for axis in (1, 2)] == [3, 2]
+    covered = torch.zeros(size, dtype=torch.int32)
+    for z, y, x in starts:
+        covered[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += 1
+    assert (covered > 0).all()
+    for axis in (1, 2):
+        first, second = sorted({s[axis] for s in starts})
+        assert first + patch[axis] - second >= patch[axis] / 8
 
 
 def test_window_starts_nnunet_example():
