@@ -1564,6 +1564,14 @@ def test_gaussian_weights_underflow_replaced_by_smallest_positive():
 # ---------------------------------------------------------------- window placement
 
 
+def window_coverage(size, patch, starts) -> torch.Tensor:
+    """How many windows (patch at each start) cover each voxel of a volume of `size`."""
+    covered = torch.zeros(size, dtype=torch.int32)
+    for z, y, x in starts:
+        covered[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += 1
+    return covered
+
+
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.9])
 @pytest.mark.parametrize(
     "size, patch",
@@ -1571,10 +1579,7 @@ def test_gaussian_weights_underflow_replaced_by_smallest_positive():
 )
 def test_window_starts_cover_everything(size, patch, overlap):
     starts = window_starts(size, patch, overlap)
-    covered = torch.zeros(size, dtype=torch.int32)
-    for z, y, x in starts:
-        covered[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += 1
-    assert (covered > 0).all()
+    assert (window_coverage(size, patch, starts) > 0).all()
     assert len(set(starts)) == len(starts)
     for axis in range(3):
         values = sorted({s[axis] for s in starts})
@@ -1596,10 +1601,7 @@ def test_shipped_slab_windows_tile_a_slab_two_by_two():
     starts = window_starts(size, patch, cfg.testing.overlap)
     assert [len({s[axis] for s in starts}) for axis in range(3)] == [2, 2, 2]
     assert [len({s[axis] for s in window_starts(size, patch, 0.5)}) for axis in (1, 2)] == [3, 2]
-    covered = torch.zeros(size, dtype=torch.int32)
-    for z, y, x in starts:
-        covered[z : z + patch[0], y : y + patch[1], x : x + patch[2]] += 1
-    assert (covered > 0).all()
+    assert (window_coverage(size, patch, starts) > 0).all()
     for axis in (1, 2):
         first, second = sorted({s[axis] for s in starts})
         assert first + patch[axis] - second >= patch[axis] / 8
