@@ -113,6 +113,7 @@ class TrainingConfig:
     warmup_epochs: int = 0
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    dice_background: bool = False
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0

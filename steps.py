@@ -143,14 +143,22 @@ def _intensity(images: torch.Tensor, settings: TrainingConfig) -> torch.Tensor:
 
 
 class SegmentationLoss(nn.Module):
-    """ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice over foreground classes).
+    """ce_weight * cross-entropy + dice_weight * (1 - mean soft Dice over the foreground
+    classes, or over every class with dice_background: MONAI's include_background=True).
 
     Soft Dice is computed per volume and averaged, so a batch split over ranks gives the same
     loss as the whole batch in one process.
     """
 
-    def __init__(self, num_classes: int, ce_weight: float = 1.0, dice_weight: float = 1.0):
+    def __init__(
+        self,
+        num_classes: int,
+        ce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        dice_background: bool = False,
+    ):
         super().__init__()
+        self.first_dice_class = 0 if dice_background else 1
         self.num_classes = num_classes
         self.ce_weight = ce_weight
         self.dice_weight = dice_weight
@@ -180,7 +188,7 @@ class SegmentationLoss(nn.Module):
             overlap = (probabilities * one_hot).sum(dims)
             total = probabilities.sum(dims) + one_hot.sum(dims)
             dice = (2 * overlap + 1.0) / (total + 1.0)
-            loss = loss + self.dice_weight * (1 - dice[:, 1:].mean())
+            loss = loss + self.dice_weight * (1 - dice[:, self.first_dice_class :].mean())
         return loss
 
 

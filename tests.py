@@ -642,6 +642,11 @@ def test_segmentation_loss_against_a_hand_computed_value():
     assert SegmentationLoss(2, 2.0, 1.0)(logits, target).item() == pytest.approx(
         2 * cross_entropy + 1 - soft_dice
     )
+    # with the background: class 0 overlaps 0.75 (voxel 2), sums 0.5 + 0.75 and 1
+    background_dice = (2 * 0.75 + 1) / ((0.5 + 0.75) + 1 + 1)
+    assert SegmentationLoss(2, 0.0, 1.0, dice_background=True)(logits, target).item() == (
+        pytest.approx(1 - (soft_dice + background_dice) / 2)
+    )
 
 
 def test_augmentation_keeps_image_and_mask_aligned():

@@ -318,7 +318,9 @@ def fit(
         network = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if settings.compile:
         network = torch.compile(network)
-    loss_fn = SegmentationLoss(len(class_names), settings.ce_weight, settings.dice_weight)
+    loss_fn = SegmentationLoss(
+        len(class_names), settings.ce_weight, settings.dice_weight, settings.dice_background
+    )
     show = progress and dist_info.is_main
     part = timer(clock)
     epochs = range(start_epoch, settings.epochs + 1)
