@@ -74,9 +74,9 @@ from config import (
 )
 from devices import Distributed, configure_threads, fast_settings, pick_device
 from steps import SegmentationLoss, run_epoch
-from train import NonFiniteLossError, build_model, make_optimizer
+from train import NonFiniteLossError, build_model, make_optimizer, network_arguments
 from training_data import ShardSampler, VolumeDataset, make_loader, read_volume
-from unet_model import UNet3D
+from unet_model import make_network
 
 HERE = Path(__file__).resolve().parent
 HAVE_SITK = importlib.util.find_spec("SimpleITK") is not None
@@ -148,7 +148,7 @@ class Run:
 
     @property
     def model_args(self) -> dict[str, object]:
-        return {"in_channels": 1, "num_classes": len(CLASS_MEANS), **asdict(self.preset.model)}
+        return network_arguments(self.preset.model, len(CLASS_MEANS))
 
 
 def log(message: str) -> None:
@@ -275,7 +275,7 @@ def train_seed_style(run: Run, files: FileVolumes) -> tuple[nn.Module, float]:
     (trained model, volumes/s)."""
     torch.backends.cudnn.benchmark = False
     torch.manual_seed(run.training.seed)
-    model = UNet3D(**run.model_args).to(run.device)
+    model = make_network(**run.model_args).to(run.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), run.training.learning_rate, weight_decay=run.training.weight_decay
     )
@@ -349,7 +349,7 @@ def inference_latency(run: Run, work: Path, settings: PreprocessingConfig) -> di
     scan_path = work / "scan.mha"
     sitk.WriteImage(resample_to_grid(images["t2"], SCAN_GRID, sitk.sitkLinear), str(scan_path))
     torch.manual_seed(0)
-    state = {"model_args": run.model_args, "model": UNet3D(**run.model_args).state_dict()}
+    state = {"model_args": run.model_args, "model": make_network(**run.model_args).state_dict()}
     model = model_from_checkpoint(state, run.device)
     runs = []
     for _ in range(run.preset.repeats + 1):

@@ -140,20 +140,21 @@ def step_costs(config, size: tuple[int, int, int], repeats: int = 3) -> list[dic
     a multiple of 16 (its four strides). Each network:
     one warm-up step, then the median of `repeats` steps."""
     import time
-    from dataclasses import asdict
 
     import torch
 
     from config import ModelConfig
     from steps import SegmentationLoss
-    from unet_model import UNet3D
+    from train import network_arguments
+    from unet_model import make_network
 
     classes = len(config.labels.class_names)
     model = config.model
     seed_shape = ModelConfig(model.base_channels, model.depth, model.norm)
+    configured = make_network(**network_arguments(model, classes))
     networks = [
-        ("UNet3D, seed shape", UNet3D(1, classes, **asdict(seed_shape))),
-        ("UNet3D, this configuration", UNet3D(1, classes, **asdict(model))),
+        ("UNet3D, seed shape", make_network(**network_arguments(seed_shape, classes))),
+        (f"{type(configured).__name__}, this configuration", configured),
     ]
     peer_multiple = 2 ** len(PEER_UNET["strides"])
     try:

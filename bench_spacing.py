@@ -14,7 +14,7 @@ from bench import CLASS_MEANS, synthetic_volumes
 from config import Config, patch_size, target_spacing
 from devices import fast_settings
 from steps import SegmentationLoss, run_epoch
-from train import build_model, make_optimizer
+from train import build_model, make_optimizer, network_arguments
 
 SPACING_STEPS = 4  # timed training steps of the spacing-mode row, after one warm-up step
 SLAB_GRID, SLAB_SPACING = (640, 512, 24), (0.469, 0.469, 0.9)  # a real T2 SPACE slab, PIR
@@ -61,7 +61,7 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     amp_dtype, channels_last = fast_settings(
         device, training.precision, training.channels_last, config.model.norm
     )
-    model_args = {"in_channels": 1, "num_classes": len(CLASS_MEANS), **asdict(model_settings)}
+    model_args = network_arguments(model_settings, len(CLASS_MEANS))
     torch.manual_seed(0)
     model = build_model(model_args, device, channels_last)
     optimizer = make_optimizer(model, training)

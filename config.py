@@ -96,10 +96,13 @@ class ModelConfig:
     residual: bool = False
     deep_supervision: bool = False
     channels: tuple[int, ...] = ()  # one width per level; () = base_channels * 2**level
+    network: str = "unet3d"  # or residual_unet (unet_model.NETWORKS)
 
     @property
     def size_multiple(self) -> tuple[int, int, int]:
         """What every grid or patch size (height, width, slices) must be a multiple of."""
+        if self.network == "residual_unet":  # every level strided by 2 on every axis
+            return (2 ** (self.depth - 1),) * 3
         return tuple(s * 2 ** (self.depth - 1) for s in self.stem_stride)  # type: ignore[return-value]
 
 
@@ -366,6 +369,16 @@ def _check(config: Config) -> None:
     if t.ce_weight + t.dice_weight == 0:
         raise ConfigError("[training] ce_weight and dice_weight are both 0: no loss to train on")
     p, m = config.preprocessing, config.model
+    if m.network not in ("unet3d", "residual_unet"):
+        raise ConfigError(f"[model] network = {m.network!r}: choose unet3d or residual_unet")
+    if m.network == "residual_unet" and (
+        m.stem_stride != (1, 1, 1) or m.residual or m.deep_supervision
+    ):
+        raise ConfigError(
+            "[model] network = residual_unet strides every level and has residual units and no "
+            "deep supervision of its own: stem_stride, residual and deep_supervision are options "
+            "of unet3d (leave them at 1, 1, 1 / false / false)"
+        )
     if any(s not in (1, 2) for s in m.stem_stride):
         raise ConfigError(f"[model] stem_stride = {m.stem_stride}: each value must be 1 or 2")
     if m.channels and (len(m.channels) != m.depth or min(m.channels) < 1):

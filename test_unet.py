@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from config import TestingConfig
@@ -38,7 +39,6 @@ from plan import canonical_settings, plan_lookup, plan_settings
 from spider_metrics import disc_components_reference, spider_scores, summarise_spider
 from store_plot_metrics import plot_overlay, write_csv
 from train import build_model
-from unet_model import UNet3D
 from vertebraeseg import (
     CANONICAL,
     CaseError,
@@ -123,7 +123,7 @@ def inference_layout(state: dict, device: torch.device) -> bool:
     return fast_settings(device, "auto", True, state["model_args"]["norm"])[1]
 
 
-def model_from_checkpoint(state: dict, device: torch.device) -> UNet3D:
+def model_from_checkpoint(state: dict, device: torch.device) -> nn.Module:
     """Rebuild the network from a checkpoint alone (its model_args and weights), in eval mode."""
     model = build_model(state["model_args"], device, inference_layout(state, device))
     model.load_state_dict(state["model"])
@@ -176,7 +176,7 @@ class Predictor:
     precision, and the [testing] settings of the way back (probabilities or labels,
     sliding-window overlap, flip TTA, small-component removal, the instance step)."""
 
-    models: tuple[UNet3D, ...]
+    models: tuple[nn.Module, ...]
     plan: dict
     device: torch.device
     precision: str = "auto"
@@ -267,7 +267,7 @@ class Segmentation:
 
 @torch.no_grad()
 def predict_probabilities(
-    model: UNet3D,
+    model: nn.Module,
     grid_image: sitk.Image,
     device: torch.device,
     precision: str = "auto",

@@ -20,6 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from config import (
     ConfigError,
@@ -64,7 +65,7 @@ from test_unet import (
 )
 from train import NonFiniteLossError, fit, load_checkpoint, patient_split
 from training_data import choose_cache
-from unet_model import Conv3d, UNet3D
+from unet_model import Conv3d, ResidualUNet, UNet3D, make_network
 from vertebraeseg import (
     CaseError,
     CaseFiles,
@@ -510,6 +511,60 @@ def test_model_rejects_a_size_the_strided_stem_cannot_take():
         UNet3D(base_channels=4, depth=3, stem_stride=(2, 2, 1))(torch.zeros(1, 1, 8, 12, 16))
     with pytest.raises(ValueError, match="stem_stride"):
         UNet3D(stem_stride=(3, 1, 1))
+
+
+def test_residual_unet_strides_every_level_and_restores_the_size():
+    """network = residual_unet: no convolution at full resolution but the last ones of the
+    decoder, whose transposed convolution brings back the input's size; checkpoints rebuild it."""
+    model = make_network("residual_unet", num_classes=3, base_channels=4, depth=3)
+    shape = (8, 24, 16)
+    sizes = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: sizes.append((type(m), tuple(o.shape[2:]))))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))
+    ]
+    assert model(torch.zeros(2, 1, *shape)).shape == (2, 3, *shape)
+    for hook in hooks:
+        hook.remove()
+    at_full = [kind for kind, size in sizes if size == shape]
+    assert at_full == [nn.ConvTranspose3d, nn.Conv3d]  # the top decoder level only
+    assert min(size for _, size in sizes) == (2, 6, 4)  # two strided levels, the bottom unstrided
+    assert make_network(**model.arguments).arguments == model.arguments
+    with pytest.raises(ValueError, match="not divisible by"):
+        model(torch.zeros(1, 1, 8, 12, 18))
+
+
+def test_residual_unet_is_monais_unet_with_residual_units():
+    """The same weights give MONAI's UNet(strides 2, num_res_units=2) output (MONAI's instance
+    norm has no affine parameters; ours start at 1 and 0)."""
+    monai_nets = pytest.importorskip("monai.networks.nets", reason="MONAI: requirements-bench.txt")
+    torch.manual_seed(0)
+    theirs = monai_nets.UNet(3, 1, 4, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
+    ours = ResidualUNet(1, 4, depth=3, channels=(4, 8, 16))
+    affine = {
+        f"{name}.{p}"
+        for name, m in ours.named_modules()
+        if isinstance(m, nn.InstanceNorm3d)
+        for p in ("weight", "bias")
+    }
+    state = ours.state_dict()
+    ours_keys = [k for k in state if k not in affine]
+    for key, value in zip(ours_keys, theirs.state_dict().values(), strict=True):
+        assert state[key].shape == value.shape, key
+        state[key] = value
+    ours.load_state_dict(state)
+    image = torch.randn(1, 1, 8, 16, 12)
+    assert torch.allclose(ours.eval()(image), theirs.eval()(image), atol=1e-5)
+
+
+def test_residual_unet_takes_none_of_unet3ds_options(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "raw", model={"network": "residual_unet", "depth": 4})
+    assert load_config(cfg).model.size_multiple == (8, 8, 8)
+    with pytest.raises(ConfigError, match="deep_supervision are options of unet3d"):
+        load_config(cfg, ["model.deep_supervision=true"])
+    with pytest.raises(ConfigError, match="network = 'vnet': choose unet3d or residual_unet"):
+        load_config(cfg, ["model.network=vnet"])
 
 
 def test_deep_supervision_loss_weighs_coarser_levels_less():
@@ -2928,10 +2983,21 @@ def test_gpu_check_runs_through_on_a_cpu(tmp_path, capsys):
     assert "resume continues bit-exactly" in text and "<- the pipeline's choice" in text
 
 
-@pytest.mark.parametrize("mode", ["grid", "spacing"])
-def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny_raw, mode):
-    """Strided stem, residual blocks and deep supervision train, validate every 2nd epoch (and
-    the last), checkpoint, and predict the test cases from their raw scans."""
+UNET3D_OPTIONS = {"stem_stride": "2, 2, 1", "residual": "true", "deep_supervision": "true"}
+
+
+@pytest.mark.parametrize(
+    "mode, model",
+    [
+        ("grid", UNET3D_OPTIONS),
+        ("spacing", UNET3D_OPTIONS),
+        ("spacing", {"network": "residual_unet", "depth": 3}),
+    ],
+)
+def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny_raw, mode, model):
+    """Strided stem, residual blocks and deep supervision (or the residual_unet network) train,
+    validate every 2nd epoch (and the last), checkpoint, and predict the test cases from their
+    raw scans."""
     import preprocess_script
     import trainandtest_script
 
@@ -2940,7 +3006,7 @@ def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny
         tmp_path,
         tiny_raw,
         preprocessing=extra.get("preprocessing", {}),
-        model={"stem_stride": "2, 2, 1", "residual": "true", "deep_supervision": "true"},
+        model=model,
         training={"epochs": 3, "val_every": 2, **extra["training"]},
         testing={"figures": 0},
     )
@@ -2950,7 +3016,10 @@ def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny
     assert history["val_loss"].notna().tolist() == [False, True, True]  # epochs 2 and 3
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["epoch"] in (2, 3)
-    assert best["model_args"]["stem_stride"] == [2, 2, 1] and best["model_args"]["residual"]
+    if "network" in model:
+        assert best["model_args"]["network"] == "residual_unet"
+    else:
+        assert best["model_args"]["stem_stride"] == [2, 2, 1] and best["model_args"]["residual"]
     summary = pd.read_csv(tmp_path / "run" / "test_summary.csv")
     assert len(summary) == 3 and summary["n"].gt(0).all()
 

@@ -27,7 +27,7 @@ from devices import Distributed, fast_settings, pick_device
 from steps import SegmentationLoss, Stopwatch, run_epoch, timer
 from store_plot_metrics import plot_curves, write_csv
 from training_data import make_data
-from unet_model import UNet3D
+from unet_model import make_network
 
 CHECKPOINT_FORMAT = 1
 
@@ -122,8 +122,28 @@ def learning_rate_factor(epoch: int, epochs: int, warmup: int, schedule: str) ->
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_model(model_args: dict, device: torch.device, channels_last: bool) -> UNet3D:
-    model = UNet3D(**model_args).to(device)
+def network_arguments(model_settings: ModelConfig, num_classes: int) -> dict[str, object]:
+    """[model] as the network's arguments, the checkpoint's model_args (equal to the built
+    network's `arguments`): UNet3D's options, or ResidualUNet's under network = residual_unet."""
+    model_args = {
+        "in_channels": 1,
+        "num_classes": num_classes,
+        "base_channels": model_settings.base_channels,
+        "depth": model_settings.depth,
+        "norm": model_settings.norm,
+        "channels": list(model_settings.channels) or None,
+    }
+    if model_settings.network == "residual_unet":
+        return {"network": "residual_unet"} | model_args
+    return model_args | {
+        "stem_stride": list(model_settings.stem_stride),
+        "residual": model_settings.residual,
+        "deep_supervision": model_settings.deep_supervision,
+    }
+
+
+def build_model(model_args: dict, device: torch.device, channels_last: bool) -> nn.Module:
+    model = make_network(**model_args).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     return model
@@ -292,17 +312,7 @@ def fit(
     torch.manual_seed(settings.seed + dist_info.rank)
     per_rank_batch = settings.batch_size // dist_info.world_size
     data = make_data(train_rows, val_rows, plan, settings, device, dist_info, per_rank_batch)
-    model_args = {
-        "in_channels": 1,
-        "num_classes": len(class_names),
-        "base_channels": model_settings.base_channels,
-        "depth": model_settings.depth,
-        "norm": model_settings.norm,
-        "stem_stride": list(model_settings.stem_stride),
-        "residual": model_settings.residual,
-        "deep_supervision": model_settings.deep_supervision,
-        "channels": list(model_settings.channels) or None,
-    }
+    model_args = network_arguments(model_settings, len(class_names))
     model, optimizer, scheduler = make_model_and_optimizer(
         model_args, model_settings.norm, settings, device, channels_last, dist_info
     )
@@ -437,7 +447,7 @@ def resume(
     if not settings.resume or not last_path.is_file():
         return [], -math.inf, 1
     state = load_checkpoint(last_path)
-    saved_args = UNet3D(**state["model_args"]).arguments  # older checkpoints: options' defaults
+    saved_args = make_network(**state["model_args"]).arguments  # older: options' defaults
     if saved_args != model_args or tuple(state["class_names"]) != class_names:
         raise ValueError(
             f"{last_path}: model {state['model_args']} / classes {state['class_names']} "

@@ -22,6 +22,10 @@ Options (all off by default: the seed's shape):
 - deep_supervision: a 1x1x1 head on each decoder level below the top too; in training mode the
   forward returns all logits (steps.SegmentationLoss weighs them as nnU-Net does); in eval mode
   only the full-resolution ones.
+
+ResidualUNet (`network = residual_unet`) is another shape: MONAI's UNet with residual units
+(issue 18's peer), every level strided and a light decoder. make_network builds either from a
+checkpoint's or a configuration's arguments.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 NORMS = ("instance", "batch", "group")
+NETWORKS = ("unet3d", "residual_unet")
 
 
 def size_multiple(depth: int, stem_stride: tuple[int, int, int] = (1, 1, 1)) -> tuple[int, ...]:
@@ -232,3 +237,137 @@ class UNet3D(nn.Module):
             for level, head in zip(self.supervised, self.deep_heads, strict=True)
         ]
         return [logits, *deep]  # full resolution first, then coarser
+
+
+def make_network(network: str = "unet3d", **arguments) -> nn.Module:
+    """UNet3D or ResidualUNet from a checkpoint's or a configuration's model arguments."""
+    if network == "unet3d":
+        return UNet3D(**arguments)
+    if network == "residual_unet":
+        return ResidualUNet(**arguments)
+    raise ValueError(f"network {network!r}: choose one of {', '.join(NETWORKS)}")
+
+
+def conv_norm_prelu(
+    in_channels: int, out_channels: int, norm: str, stride: int = 1, transposed: bool = False
+) -> nn.Sequential:
+    """3x3x3 convolution (transposed: doubles the size) with bias -> norm -> PReLU."""
+    conv = (
+        nn.ConvTranspose3d(in_channels, out_channels, 3, 2, padding=1, output_padding=1)
+        if transposed
+        else nn.Conv3d(in_channels, out_channels, 3, stride, padding=1)
+    )
+    return nn.Sequential(conv, make_norm(norm, out_channels), nn.PReLU())
+
+
+class ResidualUnit(nn.Module):
+    """MONAI's residual unit: `convs` x (3x3x3 conv -> norm -> PReLU), the first one strided,
+    plus the input through a strided 3x3x3 convolution (1x1x1 where only the width changes,
+    the identity where nothing does). last_conv_only: the last convolution has no norm and
+    activation (the network's output)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str,
+        stride: int = 1,
+        convs: int = 2,
+        last_conv_only: bool = False,
+    ) -> None:
+        super().__init__()
+        units = [
+            conv_norm_prelu(out_channels, out_channels, norm)
+            if i
+            else conv_norm_prelu(in_channels, out_channels, norm, stride)
+            for i in range(convs)
+        ]
+        if last_conv_only:
+            units[-1] = units[-1][0]
+        self.body = nn.Sequential(*units)
+        if stride != 1:
+            self.shortcut = nn.Conv3d(in_channels, out_channels, 3, stride, padding=1)
+        elif in_channels != out_channels:
+            self.shortcut = nn.Conv3d(in_channels, out_channels, 1)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+class ResidualUNet(nn.Module):
+    """MONAI's UNet with residual units (monai.networks.nets.UNet, strides 2, num_res_units=2),
+    the MONAI peer's network of issue 18, built from torch alone.
+
+    Input (B, in_channels, D, H, W), every size a multiple of 2**(depth - 1); output (B,
+    num_classes, D, H, W) logits. Widths: `channels` (depth of them, e.g. 16-32-64-128-256) or
+    base_channels * 2**level.
+    - Encoder: a residual unit of two convolutions per level, the first strided by 2 on every
+      axis (so no convolution runs at full resolution), then an unstrided one at the bottom.
+    - Decoder, coarse to fine: the skip concatenated with what comes up, a 3x3x3 transposed
+      convolution (stride 2) to the next finer level's width, one convolution more as a residual
+      unit. The top one outputs the classes at full resolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        base_channels: int = 16,
+        depth: int = 5,
+        norm: str = "instance",
+        channels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
+        widths = [int(c) for c in channels] if channels else None
+        if widths is not None and (len(widths) != depth or min(widths) < 1):
+            raise ValueError(f"channels {widths}: one positive width per level (depth {depth})")
+        widths = widths or [base_channels * 2**level for level in range(depth)]
+        self.arguments = {
+            "network": "residual_unet",
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "base_channels": base_channels,
+            "depth": depth,
+            "norm": norm,
+            "channels": [int(c) for c in channels] if channels else None,
+        }
+        self.encoders = nn.ModuleList(
+            ResidualUnit(c_in, c_out, norm, stride=2)
+            for c_in, c_out in zip([in_channels] + widths[:-2], widths[:-1], strict=True)
+        )
+        self.bottom = ResidualUnit(widths[-2], widths[-1], norm)
+        ups = []
+        for level in reversed(range(depth - 1)):  # the decoder, coarse to fine
+            c_in = widths[level] + (widths[level + 1] if level == depth - 2 else widths[level])
+            c_out = widths[level - 1] if level else num_classes
+            ups.append(
+                nn.Sequential(
+                    conv_norm_prelu(c_in, c_out, norm, transposed=True),
+                    ResidualUnit(c_out, c_out, norm, convs=1, last_conv_only=level == 0),
+                )
+            )
+        self.decoders = nn.ModuleList(ups)
+
+    @property
+    def divisor(self) -> tuple[int, int, int]:
+        """What each input size (slices, height, width) must be a multiple of."""
+        return (2 ** (self.arguments["depth"] - 1),) * 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(size % d for size, d in zip(x.shape[2:], self.divisor, strict=True)):
+            raise ValueError(
+                f"input grid {tuple(x.shape[2:])} (slices, height, width) is not divisible by "
+                f"{self.divisor} (2^(depth-1))"
+            )
+        skips = []
+        for encode in self.encoders:
+            x = encode(x)
+            skips.append(x)
+        x = self.bottom(x)
+        for decode in self.decoders:
+            x = decode(torch.cat([skips.pop(), x], dim=1))
+        return x
