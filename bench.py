@@ -10,8 +10,10 @@
     python bench.py --profile --config FILE [--epochs N] [--minutes M] [--set KEY=VALUE]
                                   where a training epoch's time goes (bench_profile.py)
     python bench.py --peer --minutes M --config FILE [--split-seed S] [--project-run DIR]
+                    [--peer-network project]
                                   FILE's setting beside a plain MONAI script (bench_peer.py);
-                                  DIR: a finished project run to score instead of training one
+                                  DIR: a finished project run to score instead of training one;
+                                  project: the MONAI recipe with FILE's network
     python bench.py --spacing --config FILE
                                   spacing mode only: training patches/s and seconds per scan of
                                   sliding-window inference with FILE's model, patch and spacing
@@ -501,6 +503,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="--config's setting beside a plain MONAI script, --minutes each (bench_peer.py)",
     )
     parser.add_argument("--split-seed", type=int, help="--peer: default [training] split_seed")
+    parser.add_argument(
+        "--peer-network",
+        choices=("monai", "project"),
+        default="monai",
+        help="--peer: the peer recipe's network, MONAI's UNet or --config's [model] network",
+    )
     parser.add_argument(
         "--project-run",
         type=Path,

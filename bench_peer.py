@@ -23,6 +23,9 @@ Prints one table, a row per system: Dice, HD95 and ASSD per structure (mean over
 cases), training minutes, optimizer steps, training patches/s and seconds per scan; and one
 JSON line, which also holds every test case's row per system and structure ("cases": Dice,
 HD95, ASSD, reference and predicted voxels: the size bias of each system, case by case).
+`--peer-network project` trains the peer's recipe with FILE's network instead of MONAI's (deep
+supervision off): with `--set model.network=residual_unet ...` in the project's own run, the
+other way round, it tells the recipe's share from the network's.
 """
 
 from __future__ import annotations
@@ -42,7 +45,18 @@ PEER_PATCH = (16, 160, 160)  # slices, S-I, A-P
 PEER_BATCH = 2
 
 
-def peer_network(classes: int):
+PEER_NAMES = {"monai": "MONAI peer", "project": "peer recipe, project net"}
+
+
+def peer_network(classes: int, model=None):
+    """The peer's network: MONAI's UNet, or with `model` ([model] of a configuration) the
+    project's network without deep supervision (the recipe's loss takes one output)."""
+    if model is not None:
+        from train import network_arguments
+        from unet_model import make_network
+
+        plain = replace(model, deep_supervision=False)
+        return make_network(**network_arguments(plain, classes))
     from monai.networks.nets import UNet
 
     from bench_profile import PEER_UNET
@@ -61,15 +75,18 @@ def peer_case(scan: sitk.Image, labels: sitk.Image | None, preprocessing, spacin
     return to_grid(sitk.DICOMOrient(scan, CANONICAL), oriented, settings)
 
 
-def train_peer(volumes, classes: int, minutes: float, patch, seed: int) -> tuple[object, int]:
+def train_peer(
+    volumes, classes: int, minutes: float, patch, seed: int, model=None
+) -> tuple[object, int]:
     """The peer's training loop for `minutes` of wall time: (network, optimizer steps).
-    volumes: (image (1, D, H, W), mask (D, H, W)) tensors, padded to at least the patch."""
+    volumes: (image (1, D, H, W), mask (D, H, W)) tensors, padded to at least the patch.
+    model: None for the peer's network, or a [model] for the project's (peer_network)."""
     from monai.losses import DiceCELoss
 
     from patches import foreground_index, sample_batch
 
     torch.manual_seed(seed)
-    network = peer_network(classes)
+    network = peer_network(classes, model)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=2e-3, weight_decay=1e-4)
     foreground = [foreground_index(mask) for _, mask in volumes]
@@ -121,11 +138,14 @@ def compare(
     patch: tuple[int, int, int] = PEER_PATCH,
     spacing: str = PEER_SPACING,
     project_run: Path | None = None,
+    peer_net: str = "monai",
 ) -> dict[str, object]:
     """Train and test both systems; returns the record (see the module docstring). config:
     load_config(config_path, overrides); patch (slices, S-I, A-P) and spacing: the peer's.
     project_run: a finished project run folder to score instead of training one (its own split
-    seed is the record's; minutes None: the peer trains as long as that run did)."""
+    seed is the record's; minutes None: the peer trains as long as that run did).
+    peer_net: "monai", or "project" for the peer's recipe with config's [model] network (which
+    of the two, the recipe or the network, makes the difference)."""
     import trainandtest_script
     from patches import pad_to_patch
     from plan import plan_lookup, read_plan
@@ -174,22 +194,24 @@ def compare(
         image, mask, _ = pad_to_patch(image, mask, patch, float(image.min()))
         volumes.append((image, mask))
     started = time.perf_counter()
-    network, steps = train_peer(volumes, len(class_names), minutes, patch, split_seed)
+    peer_name = PEER_NAMES[peer_net]
+    model = config.model if peer_net == "project" else None
+    network, steps = train_peer(volumes, len(class_names), minutes, patch, split_seed, model)
     peer = {
-        "system": "MONAI peer",
+        "system": peer_name,
         "training_minutes": (time.perf_counter() - started) / 60,
         "steps": steps,
         "batch_size": PEER_BATCH,
     }
     predictor = Predictor.from_checkpoint(state, torch.device("cpu"))
-    metric_rows = {"project": [], "MONAI peer": []}
-    seconds = {"project": [], "MONAI peer": []}
+    metric_rows = {"project": [], peer_name: []}
+    seconds = {"project": [], peer_name: []}
     for case in rows["test"].itertuples():
         scan, reference, _ = read_reference(Path(case.image_path), Path(case.mask_path), lookup)
         for name, predict in (
             ("project", lambda s: segment_scan(predictor, s).classes),
             (
-                "MONAI peer",
+                peer_name,
                 lambda s: predict_peer(network, s, config.preprocessing, patch, spacing),
             ),
         ):
@@ -206,7 +228,7 @@ def compare(
         )
         system["seconds_per_scan"] = float(np.mean(seconds[name]))
         records.append(system | scores(metric_rows[name]))
-    cases = metric_rows["project"] + metric_rows["MONAI peer"]
+    cases = metric_rows["project"] + metric_rows[peer_name]
     return {
         "split_seed": split_seed,
         "test_cases": len(rows["test"]),
@@ -257,6 +279,13 @@ def command(config, args, work: Path) -> tuple[str, dict]:
     """bench.py --peer: (the table, the record)."""
     seed = config.training.split_seed if args.split_seed is None else args.split_seed
     record = compare(
-        config, args.config, args.overrides, seed, args.minutes, work, project_run=args.project_run
+        config,
+        args.config,
+        args.overrides,
+        seed,
+        args.minutes,
+        work,
+        project_run=args.project_run,
+        peer_net=args.peer_network,
     )
     return table(record, config.labels.class_names), record

@@ -3121,11 +3121,24 @@ def test_peer_harness_on_tiny_data(tmp_path, tiny_raw):
     assert "MONAI peer" in text and "patches/s" in text
     # A finished project run set beside the peer again (--project-run): its own split seed,
     # the same project rows, and the peer trains as long as that run did.
+    # The peer's recipe with the project's network this time (--peer-network project).
     project_run = tmp_path / "work" / "project"
     again = bench_peer.compare(
-        config, cfg, [], 5, None, tmp_path / "work2", (16, 32, 32), "3, 3, 3", project_run
+        config,
+        cfg,
+        [],
+        5,
+        None,
+        tmp_path / "work2",
+        (16, 32, 32),
+        "3, 3, 3",
+        project_run,
+        "project",
     )
     assert again["split_seed"] == 0 and not (tmp_path / "work2" / "project").exists()
+    assert [s["system"] for s in again["systems"]] == ["project", "peer recipe, project net"]
+    supervised = replace(config.model, deep_supervision=True)  # the recipe's loss takes one output
+    assert bench_peer.peer_network(4, supervised).arguments["deep_supervision"] is False
     assert again["systems"][0]["steps"] == record["systems"][0]["steps"]
     rows = pd.DataFrame(again["cases"])
     assert (
