@@ -45,6 +45,17 @@ def size_multiple(depth: int, stem_stride: tuple[int, int, int] = (1, 1, 1)) -> 
     return tuple(s * 2 ** (depth - 1) for s in stem_stride)
 
 
+def checked_channels(depth: int, channels: Sequence[int] | None) -> list[int] | None:
+    """A network's `channels` as ints, None when empty (() from ModelConfig: base_channels *
+    2**level); ValueError unless depth >= 2 and there is one positive width per level."""
+    if depth < 2:
+        raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
+    channels = [int(c) for c in channels] if channels else None
+    if channels is not None and (len(channels) != depth or min(channels) < 1):
+        raise ValueError(f"channels {channels}: one positive width per level (depth {depth})")
+    return channels
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
     """Normalisation layer. 'instance' and 'group' do not depend on batch statistics."""
     if kind == "instance":
@@ -138,11 +149,7 @@ class UNet3D(nn.Module):
         channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
-        channels = [int(c) for c in channels] if channels else None  # () from ModelConfig
-        if channels is not None and (len(channels) != depth or min(channels) < 1):
-            raise ValueError(f"channels {channels}: one positive width per level (depth {depth})")
+        channels = checked_channels(depth, channels)
         stem_stride = tuple(int(s) for s in stem_stride)
         if len(stem_stride) != 3 or any(s not in (1, 2) for s in stem_stride):
             raise ValueError(f"stem_stride {stem_stride}: three values of 1 or 2 (H, W, slices)")
@@ -276,11 +283,8 @@ class ResidualUnit(nn.Module):
         last_conv_only: bool = False,
     ) -> None:
         super().__init__()
-        units = [
-            conv_norm_prelu(out_channels, out_channels, norm)
-            if i
-            else conv_norm_prelu(in_channels, out_channels, norm, stride)
-            for i in range(convs)
+        units = [conv_norm_prelu(in_channels, out_channels, norm, stride)] + [
+            conv_norm_prelu(out_channels, out_channels, norm) for _ in range(convs - 1)
         ]
         if last_conv_only:
             units[-1] = units[-1][0]
@@ -320,12 +324,7 @@ class ResidualUNet(nn.Module):
         channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"depth {depth}: a U-Net needs at least 2 levels")
-        widths = [int(c) for c in channels] if channels else None
-        if widths is not None and (len(widths) != depth or min(widths) < 1):
-            raise ValueError(f"channels {widths}: one positive width per level (depth {depth})")
-        widths = widths or [base_channels * 2**level for level in range(depth)]
+        channels = checked_channels(depth, channels)
         self.arguments = {
             "network": "residual_unet",
             "in_channels": in_channels,
@@ -333,8 +332,9 @@ class ResidualUNet(nn.Module):
             "base_channels": base_channels,
             "depth": depth,
             "norm": norm,
-            "channels": [int(c) for c in channels] if channels else None,
+            "channels": channels,
         }
+        widths = channels or [base_channels * 2**level for level in range(depth)]
         self.encoders = nn.ModuleList(
             ResidualUnit(c_in, c_out, norm, stride=2)
             for c_in, c_out in zip([in_channels] + widths[:-2], widths[:-1], strict=True)
