@@ -259,6 +259,9 @@ def run_one(
             dist_info,
             progress,
         )
+        # every rank past its last collective before any tears its group down: a gloo rank
+        # destroyed while a peer still talks to it can abort at exit
+        dist_info.barrier()
     finally:
         dist_info.close()
     if not dist_info.is_main or not test:
