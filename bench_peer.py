@@ -164,7 +164,8 @@ def compare(
         training = finished_run_training(run_dir)  # the run's own split, steps and batch
         config = replace(config, training=replace(config.training, **training))
         split_seed = config.training.split_seed
-    history = pd.read_csv(run_dir / "metrics_epochs.csv")
+    networks = run_networks(run_dir)
+    history = pd.concat([pd.read_csv(folder / "metrics_epochs.csv") for folder in networks])
     split = pd.read_csv(run_dir / "splits.csv", dtype=str)
     manifest = trainandtest_script.read_manifest(config.paths.preprocessed_dir)
     lookup = plan_lookup(read_plan(config.paths.preprocessed_dir))
@@ -173,7 +174,7 @@ def compare(
         name: manifest[manifest["case_id"].isin(split.loc[split["split"] == name, "case_id"])]
         for name in ("train", "test")
     }
-    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    states = [load_checkpoint(folder / "checkpoints" / "best.pt") for folder in networks]
     steps_per_epoch = config.training.steps_per_epoch or math.ceil(
         len(rows["train"]) / config.training.batch_size
     )
@@ -203,7 +204,7 @@ def compare(
         "steps": steps,
         "batch_size": PEER_BATCH,
     }
-    predictor = Predictor.from_checkpoint(state, torch.device("cpu"))
+    predictor = Predictor.from_checkpoint(states, torch.device("cpu"))
     metric_rows = {"project": [], peer_name: []}
     seconds = {"project": [], peer_name: []}
     for case in rows["test"].itertuples():
@@ -237,6 +238,14 @@ def compare(
     }
 
 
+def run_networks(run_dir: Path) -> list[Path]:
+    """The folders of a project run's networks: member_*/ of [training] members (tested as
+    their ensemble, their training minutes and steps added up), else the run folder itself."""
+    return sorted(path.parents[1] for path in run_dir.glob("member_*/checkpoints/best.pt")) or [
+        run_dir
+    ]
+
+
 def finished_run_training(run_dir: Path) -> dict[str, int]:
     """split_seed, steps_per_epoch and batch_size of a finished project run folder (its
     run_config.json); a folder without its best checkpoint, epoch table, split or
@@ -245,7 +254,11 @@ def finished_run_training(run_dir: Path) -> dict[str, int]:
 
     from trainandtest_script import RUN_RECORD
 
-    needed = ["checkpoints/best.pt", "metrics_epochs.csv", "splits.csv", RUN_RECORD]
+    needed = ["splits.csv", RUN_RECORD] + [
+        str((folder / name).relative_to(run_dir))
+        for folder in run_networks(run_dir)
+        for name in ("checkpoints/best.pt", "metrics_epochs.csv")
+    ]
     missing = [name for name in needed if not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(

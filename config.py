@@ -143,6 +143,7 @@ class TrainingConfig:
     val_every: int = 1
     folds: int = 0
     fold: str = "all"
+    members: int = 1
 
 
 @dataclass(frozen=True)
@@ -414,6 +415,13 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"[training] fold = {t.fold!r}: all, or a fold number 0..{max(t.folds, 1) - 1} "
             f"([training] folds = {t.folds})"
+        )
+    if t.members < 1:
+        raise ConfigError(f"[training] members = {t.members}: at least 1")
+    if t.members > 1 and t.folds:
+        raise ConfigError(
+            f"[training] members = {t.members} with folds = {t.folds}: the folds are already "
+            "an ensemble ([testing] ensemble); set one of the two"
         )
     if t.steps_per_epoch < 0:
         raise ConfigError(f"[training] steps_per_epoch = {t.steps_per_epoch}: must be >= 0")

@@ -4,10 +4,10 @@
         --output-dir DIR [--instances]
     python predict_script.py --checkpoint A.pt B.pt ... (or CV_RUN_DIR) INPUT ... --output-dir DIR
 
-Several checkpoints (or a cross-validated run folder: every fold_*/checkpoints/best.pt in it)
-predict as an ensemble: the mean of their class probabilities on the scan's grid, then the
-arg-max, then the instance step once; checkpoints whose plans or class names differ are
-refused with the key and both values. The outputs are named as for one model.
+Several checkpoints (or an ensemble's run folder: every fold_*/ or member_*/
+checkpoints/best.pt in it) predict as an ensemble: the mean of their class probabilities on the
+scan's grid, then the arg-max, then the instance step once; checkpoints whose plans or class
+names differ are refused with the key and both values. The outputs are named as for one model.
 
 INPUT: any 3-D scalar image SimpleITK reads (.mha, .nii.gz, .nrrd, ...), in any orientation,
 or a folder holding one DICOM series (read with SimpleITK's series reader; a folder with no
@@ -93,17 +93,29 @@ def summary_row(name: str, table: pd.DataFrame, qc: dict) -> dict[str, object]:
     return row
 
 
+def ensemble_members(run_dir: Path) -> list[Path]:
+    """The best checkpoints of the networks of an ensemble's run folder: fold_*/ of
+    [training] folds, or member_*/ of [training] members; [] for any other folder."""
+    for pattern in ("fold_*/checkpoints/best.pt", "member_*/checkpoints/best.pt"):
+        found = sorted(run_dir.glob(pattern))
+        if found:
+            return found
+    return []
+
+
 def checkpoint_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """--checkpoint's values -> (checkpoint files, the scans that argparse took along).
     A .pt file is a checkpoint; a cross-validated run folder gives every
-    fold_*/checkpoints/best.pt in it, a run folder its checkpoints/best.pt; the first value
+    fold_*/checkpoints/best.pt in it, a run folder of [training] members every
+    member_*/checkpoints/best.pt, a run folder its checkpoints/best.pt; the first value
     that is none of these and everything after it are input scans."""
     checkpoints: list[Path] = []
     for position, path in enumerate(paths):
+        members = ensemble_members(path) if path.is_dir() else []
         if path.suffix == ".pt":
             checkpoints.append(path)
-        elif path.is_dir() and sorted(path.glob("fold_*/checkpoints/best.pt")):
-            checkpoints += sorted(path.glob("fold_*/checkpoints/best.pt"))
+        elif members:
+            checkpoints += members
         elif path.is_dir() and (path / "checkpoints" / "best.pt").is_file():
             checkpoints.append(path / "checkpoints" / "best.pt")
         else:
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         nargs="+",
         required=True,
-        help="RUN/checkpoints/best.pt; several, or a cross-validated run folder: an ensemble",
+        help="RUN/checkpoints/best.pt; several, or a folds or members run folder: an ensemble",
     )
     parser.add_argument(
         "inputs", type=Path, nargs="*", metavar="INPUT", help="scans or DICOM series folders"

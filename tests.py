@@ -206,6 +206,7 @@ def test_set_overrides_are_typed(tmp_path):
         ("training.foreground_fraction=2", "foreground_fraction = 2.0: must be a fraction"),
         ("testing.overlap=1", "[testing] overlap = 1.0: must be a fraction"),
         ("testing.min_component_mm3=-1", "[testing] min_component_mm3 = -1.0: must be >= 0"),
+        ("training.members=0", "[training] members = 0: at least 1"),
     ],
 )
 def test_configuration_errors_name_key_and_value(tmp_path, override, message):
@@ -3057,14 +3058,16 @@ def test_bench_profile_splits_each_epoch_into_its_parts(tmp_path, tiny_raw, caps
 @pytest.mark.parametrize("crop", ["true", "false"])
 def test_bench_spacing_times_patch_training_and_a_slab_sized_scan(tmp_path, tiny_raw, capsys, crop):
     """bench.py --spacing (bench_spacing.py) with a tiny network at a coarse spacing: the row
-    names the configuration's patch, spacing and TTA, and both speeds are positive."""
+    names the configuration's patch, spacing, TTA and ensemble members, and both speeds are
+    positive."""
     import bench
 
+    members = 2 if crop == "false" else 1
     cfg = write_config(
         tmp_path,
         tiny_raw,
         preprocessing={**SPACING_MODE["preprocessing"], "target_spacing": "4, 4, 6", "crop": crop},
-        training=SPACING_MODE["training"],
+        training={**SPACING_MODE["training"], "members": members},
         testing={"tta_flip": "true"},
     )
     assert bench.main(["--spacing", "--config", str(cfg), "--threads", "1"]) == 0
@@ -3074,6 +3077,7 @@ def test_bench_spacing_times_patch_training_and_a_slab_sized_scan(tmp_path, tiny
     assert row["scan_size"] == [512, 640, 24] and row["tta_flip"] is True
     assert row["train_patches_per_s"] > 0 and row["seconds_per_scan"] > 0
     assert lines[-4].startswith("bench spacing on") and "patch 32x32x16" in lines[-4]
+    assert row["members"] == members and f"{members} network" in lines[-2]
 
 
 def test_bench_minutes_default_and_project_run_only_with_peer(tmp_path, capsys):
@@ -3296,6 +3300,69 @@ def test_cross_validation_end_to_end_and_ensemble_prediction(tmp_path, tiny_raw,
     ]
     assert predict_script.main([*two, str(scan), "--output-dir", str(tmp_path / "x")]) == 1
     assert "differ in grid: [32, 16, 8] against [64, 16, 8]" in capsys.readouterr().err
+
+
+def test_members_train_on_one_split_and_test_their_ensemble(tmp_path, tiny_raw, capsys):
+    """members = 2: two networks on the same split with seeds 3 and 4, each in its member_<i>
+    folder; the test part with their ensemble in the run folder (its Dice is the ensemble's,
+    not a member's); a rerun trains nothing; predict_script and bench's --project-run take the
+    folder as the ensemble."""
+    import bench_peer
+    import predict_script
+    import preprocess_script
+    import trainandtest_script
+
+    cfg = write_config(
+        tmp_path,
+        tiny_raw,
+        training={"members": 2, "epochs": 1, "seed": 3},
+        testing={"figures": 0},
+    )
+    with pytest.raises(ConfigError, match="members = 2 with folds = 3: the folds are already"):
+        load_config(cfg, ["training.folds=3"])
+    assert preprocess_script.main(["--config", str(cfg)]) == 0
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0
+    assert "with the ensemble of the 2 members" in capsys.readouterr().out
+    run = tmp_path / "run"
+    split = pd.read_csv(run / "splits.csv", dtype=str)
+    members = [run / f"member_{m}" for m in range(2)]
+    for member, seed in zip(members, (3, 4), strict=True):
+        assert pd.read_csv(member / "splits.csv", dtype=str).equals(split)
+        state = load_checkpoint(member / "checkpoints" / "best.pt")
+        assert state["config"]["training"]["seed"] == seed
+        assert not (member / "test_summary.csv").exists()  # the members are not tested alone
+    weights = [load_checkpoint(m / "checkpoints" / "best.pt")["model"] for m in members]
+    assert not torch.equal(*(w["head.weight"] for w in weights))  # two different networks
+    ensemble = pd.read_csv(run / "test_metrics.csv", dtype={"case_id": str})
+    assert set(ensemble["case_id"]) == set(split.loc[split["split"] == "test", "case_id"])
+    from test_unet import evaluate_checkpoint
+
+    config = load_config(cfg)
+    cases = trainandtest_script.select_test_cases(
+        config, split, trainandtest_script.read_manifest(config.paths.preprocessed_dir)
+    )
+    alone, _, _ = evaluate_checkpoint(
+        load_checkpoint(members[0] / "checkpoints" / "best.pt"),
+        cases,
+        tmp_path / "alone",
+        torch.device("cpu"),
+        config.testing,
+        progress=False,
+    )
+    assert (alone["predicted_voxels"].to_numpy() != ensemble["predicted_voxels"].to_numpy()).any()
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("member_*/checkpoints/*.pt")}
+    assert trainandtest_script.main(["--config", str(cfg)]) == 0  # trains nothing
+    assert {p: p.stat().st_mtime_ns for p in run.glob("member_*/checkpoints/*.pt")} == stamps
+
+    scan = sorted((tiny_raw / "images").glob("*.mha"))[0]
+    args = ["--checkpoint", str(run), str(scan), "--output-dir", str(tmp_path / "predicted")]
+    assert predict_script.main(args) == 0
+    assert "ensemble of 2 models" in capsys.readouterr().out
+    assert bench_peer.run_networks(run) == members
+    assert bench_peer.run_networks(members[0]) == [members[0]]
+    (members[1] / "metrics_epochs.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="missing member_1/metrics_epochs.csv"):
+        bench_peer.finished_run_training(run)
 
 
 # ---------------------------------------------------------------- measurements per level

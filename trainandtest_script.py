@@ -196,7 +196,16 @@ def run(config: Config, progress: bool | None = None) -> int:
         progress = sys.stderr.isatty()
     if config.training.folds:
         return run_folds(config, progress)
+    if config.training.members > 1:
+        return run_members(config, progress)
     return run_one(config, progress)
+
+
+def split_fractions(config: Config) -> tuple[float, float]:
+    """(validation, test) fractions of the patients: no test part when test_raw_dir is the
+    test set."""
+    t = config.training
+    return (t.val_fraction, 0.0 if config.paths.test_raw_dir is not None else t.test_fraction)
 
 
 def run_one(
@@ -219,10 +228,7 @@ def run_one(
             config.paths.preprocessed_dir / "plan.json",
         )
         manifest = read_manifest(config.paths.preprocessed_dir)
-        if config.paths.test_raw_dir is not None:
-            fractions = (t.val_fraction, 0.0)  # the external folder is the test set
-        else:
-            fractions = (t.val_fraction, t.test_fraction)
+        fractions = split_fractions(config)
         if dist_info.is_main:
             prepare_run_dir(run_dir, record, t.resume, t.overwrite)
             if split is None:
@@ -271,12 +277,32 @@ def run_one(
         print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
         return 0
     path = best if config.testing.checkpoint == "best" else best.with_name("last.pt")
-    state = load_checkpoint(path)
+    test_and_report(config, [path], cases, run_dir, path.name, progress)
+    return 0
+
+
+def test_and_report(
+    config: Config,
+    checkpoints: list[Path],
+    cases: pd.DataFrame,
+    run_dir: Path,
+    model_name: str,
+    progress: bool,
+) -> None:
+    """Test one checkpoint, or the ensemble of several (evaluate_checkpoint: the mean of their
+    class probabilities), on `cases` with the files in run_dir, and print the summaries;
+    model_name says which model in the first line."""
+    states = [load_checkpoint(path) for path in checkpoints]
     _, summary, instance_summary = evaluate_checkpoint(
-        state, cases, run_dir, pick_device(t.device), config.testing, progress
+        states[0] if len(states) == 1 else states,
+        cases,
+        run_dir,
+        pick_device(config.training.device),
+        config.testing,
+        progress,
     )
     print(
-        f"test on {len(cases)} cases with {path.name}, each segmented from its raw scan "
+        f"test on {len(cases)} cases with {model_name}, each segmented from its raw scan "
         "(metrics in the scan's own geometry):"
     )
     print(format_summary(summary))
@@ -293,6 +319,51 @@ def run_one(
     print(
         f"outputs: {run_dir}/test_summary.csv, test_metrics.csv, predictions/, figures/, "
         "metrics_epochs.csv, *.png, checkpoints/"
+    )
+
+
+def member_config(config: Config, member: int) -> Config:
+    """The configuration of one member of [training] members: its own folder
+    output_dir/member_<member> and seed (seed + member), one network."""
+    return replace(
+        config,
+        paths=replace(config.paths, output_dir=config.paths.output_dir / f"member_{member}"),
+        training=replace(config.training, seed=config.training.seed + member, members=1),
+    )
+
+
+def run_members(config: Config, progress: bool) -> int:
+    """[training] members = N: N networks trained on one split (seeds seed, seed + 1, ...),
+    each a run folder output_dir/member_<i> (run_one without its test: resumed when
+    interrupted, nothing trained when finished); when all have finished, the test part with
+    their ensemble, its files in output_dir itself."""
+    t, output = config.training, config.paths.output_dir
+    manifest = read_manifest(config.paths.preprocessed_dir)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        prepare_run_dir(output, config.as_dict(), t.resume, t.overwrite)
+    split = load_or_make_split(
+        output / "splits.csv", manifest, *split_fractions(config), t.split_seed
+    )
+    if main_rank:
+        write_csv(split, output / "splits.csv")
+    for member in range(t.members):
+        member_run = member_config(config, member)
+        if main_rank:
+            print(f"member {member} of {t.members}: {member_run.paths.output_dir}")
+        code = run_one(member_run, progress, split, test=False)
+        if code:
+            return code
+    if not main_rank:
+        return 0
+    cases = select_test_cases(config, split, manifest)
+    if cases.empty:
+        print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
+        return 0
+    name = f"{config.testing.checkpoint}.pt"
+    checkpoints = [output / f"member_{m}" / "checkpoints" / name for m in range(t.members)]
+    test_and_report(
+        config, checkpoints, cases, output, f"the ensemble of the {t.members} members", progress
     )
     return 0
 
@@ -340,17 +411,9 @@ def run_folds(config: Config, progress: bool) -> int:
     held_out = folds.assign(split=np.where(folds["fold"] < 0, "test", "train"))
     cases = select_test_cases(config, held_out, manifest)  # or every case of test_raw_dir
     if config.testing.ensemble and not cases.empty:
-        states = [
-            load_checkpoint(output / f"fold_{f}" / "checkpoints" / "best.pt")
-            for f in range(t.folds)
-        ]
-        _, summary, instance_summary = evaluate_checkpoint(
-            states, cases, output, device, config.testing, progress
-        )
-        print(f"test on {len(cases)} cases with the ensemble of the {t.folds} fold models:")
-        print(format_summary(summary))
-        if instance_summary is not None:
-            print(format_instance_summary(instance_summary))
+        checkpoints = [output / f"fold_{f}" / "checkpoints" / "best.pt" for f in range(t.folds)]
+        name = f"the ensemble of the {t.folds} fold models"
+        test_and_report(config, checkpoints, cases, output, name, progress)
     return 0
 
 
