@@ -491,7 +491,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
-    parser.add_argument("--work-dir", type=Path, help="folder for the temporary files")
+    parser.add_argument(
+        "--work-dir", type=Path, help="folder for the temporary files (made if missing)"
+    )
     parser.add_argument(
         "--spacing",
         action="store_true",
@@ -544,6 +546,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     config = load_config(args.config, args.overrides)
+    if args.work_dir is not None:  # the temporary folders are made inside it
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.peer or args.profile:  # modules of their own: bench_peer.py, bench_profile.py
         configure_threads(args.threads, 1)
         module = importlib.import_module("bench_peer" if args.peer else "bench_profile")

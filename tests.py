@@ -3070,7 +3070,12 @@ def test_bench_spacing_times_patch_training_and_a_slab_sized_scan(tmp_path, tiny
         training={**SPACING_MODE["training"], "members": members},
         testing={"tta_flip": "true"},
     )
-    assert bench.main(["--spacing", "--config", str(cfg), "--threads", "1"]) == 0
+    work = tmp_path / "not" / "there"  # --work-dir is made when missing
+    assert (
+        bench.main(["--spacing", "--config", str(cfg), "--threads", "1", "--work-dir", str(work)])
+        == 0
+    )
+    assert work.is_dir() and not any(work.iterdir())  # the temporary folder is gone
     lines = capsys.readouterr().out.strip().splitlines()
     row = json.loads(lines[-1])["spacing_mode"]
     assert row["patch_size"] == [32, 32, 16] and row["target_spacing_mm"] == [4.0, 4.0, 6.0]
