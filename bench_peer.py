@@ -241,9 +241,9 @@ def compare(
 def run_networks(run_dir: Path) -> list[Path]:
     """The folders of a project run's networks: member_*/ of [training] members (tested as
     their ensemble, their training minutes and steps added up), else the run folder itself."""
-    return sorted(path.parents[1] for path in run_dir.glob("member_*/checkpoints/best.pt")) or [
-        run_dir
-    ]
+    from predict_script import ensemble_members
+
+    return [path.parents[1] for path in ensemble_members(run_dir)] or [run_dir]
 
 
 def finished_run_training(run_dir: Path) -> dict[str, int]:

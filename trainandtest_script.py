@@ -273,9 +273,6 @@ def run_one(
     if not dist_info.is_main or not test:
         return 0
     cases = select_test_cases(config, split, manifest)
-    if cases.empty:
-        print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
-        return 0
     path = best if config.testing.checkpoint == "best" else best.with_name("last.pt")
     test_and_report(config, [path], cases, run_dir, path.name, progress)
     return 0
@@ -291,10 +288,13 @@ def test_and_report(
 ) -> None:
     """Test one checkpoint, or the ensemble of several (evaluate_checkpoint: the mean of their
     class probabilities), on `cases` with the files in run_dir, and print the summaries;
-    model_name says which model in the first line."""
+    model_name says which model in the first line. No cases: a line says testing is skipped."""
+    if cases.empty:
+        print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
+        return
     states = [load_checkpoint(path) for path in checkpoints]
     _, summary, instance_summary = evaluate_checkpoint(
-        states[0] if len(states) == 1 else states,
+        states,
         cases,
         run_dir,
         pick_device(config.training.device),
@@ -357,11 +357,10 @@ def run_members(config: Config, progress: bool) -> int:
     if not main_rank:
         return 0
     cases = select_test_cases(config, split, manifest)
-    if cases.empty:
-        print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
-        return 0
     name = f"{config.testing.checkpoint}.pt"
-    checkpoints = [output / f"member_{m}" / "checkpoints" / name for m in range(t.members)]
+    checkpoints = [
+        member_config(config, m).paths.output_dir / "checkpoints" / name for m in range(t.members)
+    ]
     test_and_report(
         config, checkpoints, cases, output, f"the ensemble of the {t.members} members", progress
     )
