@@ -95,6 +95,7 @@ class ModelConfig:
     stem_stride: tuple[int, int, int] = (1, 1, 1)  # (height, width, slices), each 1 or 2
     residual: bool = False
     deep_supervision: bool = False
+    head_kernel: int = 1  # the full-resolution head's convolution: 1 (1x1x1) or 3 (3x3x3)
     channels: tuple[int, ...] = ()  # one width per level; () = base_channels * 2**level
     network: str = "unet3d"  # or residual_unet (unet_model.NETWORKS)
 
@@ -373,13 +374,15 @@ def _check(config: Config) -> None:
     if m.network not in ("unet3d", "residual_unet"):
         raise ConfigError(f"[model] network = {m.network!r}: choose unet3d or residual_unet")
     if m.network == "residual_unet" and (
-        m.stem_stride != (1, 1, 1) or m.residual or m.deep_supervision
+        m.stem_stride != (1, 1, 1) or m.residual or m.deep_supervision or m.head_kernel != 1
     ):
         raise ConfigError(
             "[model] network = residual_unet strides every level and has residual units and no "
-            "deep supervision of its own: stem_stride, residual and deep_supervision are options "
-            "of unet3d (leave them at 1, 1, 1 / false / false)"
+            "deep supervision of its own: stem_stride, residual, deep_supervision and head_kernel "
+            "are options of unet3d (leave them at 1, 1, 1 / false / false / 1)"
         )
+    if m.head_kernel not in (1, 3):
+        raise ConfigError(f"[model] head_kernel = {m.head_kernel}: 1 (1x1x1) or 3 (3x3x3)")
     if any(s not in (1, 2) for s in m.stem_stride):
         raise ConfigError(f"[model] stem_stride = {m.stem_stride}: each value must be 1 or 2")
     if m.channels and (len(m.channels) != m.depth or min(m.channels) < 1):

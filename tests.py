@@ -426,6 +426,8 @@ def test_model_rejects_grid_not_divisible():
         {"deep_supervision": True},
         {"stem_stride": (2, 2, 1), "residual": True, "deep_supervision": True},
         {"stem_stride": (2, 2, 2), "deep_supervision": True, "channels": [4, 12, 20]},
+        {"stem_stride": (2, 2, 2), "deep_supervision": True, "head_kernel": 3},
+        {"head_kernel": 3},
     ],
 )
 def test_model_options_keep_the_output_at_full_resolution(options):
@@ -445,6 +447,37 @@ def test_model_options_keep_the_output_at_full_resolution(options):
     model.eval()
     assert model(image).shape == (2, 3, 8, 24, 16)  # eval: the full-resolution logits only
     assert UNet3D(**model.arguments).arguments == model.arguments  # checkpoints rebuild it
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_head_kernel_sets_how_far_a_voxels_class_sees_at_full_resolution(kernel, tmp_path):
+    """The gradient of one voxel's logits reaches the head's input at that voxel alone with a
+    1x1x1 head, at its 26 neighbours too with a 3x3x3 one; a checkpoint written before the
+    option (no head_kernel in its arguments) rebuilds the 1x1x1 head."""
+    model = UNet3D(
+        num_classes=3, base_channels=4, depth=2, stem_stride=(2, 2, 2), head_kernel=kernel
+    )
+    features = {}
+    model.head.register_forward_hook(lambda m, inputs, out: features.update(x=inputs[0]))
+    logits = model(torch.randn(1, 1, 4, 8, 8))
+    features["x"].retain_grad()
+    logits[0, :, 2, 4, 4].sum().backward()
+    reached = features["x"].grad[0].abs().sum(0) > 0  # (slices, height, width)
+    assert reached.sum() == kernel**3 and reached[2, 4, 4]
+    assert reached[1:4, 3:6, 3:6].all() == (kernel == 3)
+    legacy = {k: v for k, v in model.arguments.items() if k != "head_kernel"}
+    assert UNet3D(**legacy).head.kernel_size == (1, 1, 1)
+
+
+def test_head_kernel_is_1_or_3_and_unet3d_only(tmp_path):
+    with pytest.raises(ValueError, match="head_kernel 5: 1 or 3"):
+        UNet3D(head_kernel=5)
+    (tmp_path / "raw").mkdir()
+    cfg = write_config(tmp_path, tmp_path / "raw", model={"head_kernel": 2})
+    with pytest.raises(ConfigError, match=r"\[model\] head_kernel = 2: 1 \(1x1x1\) or 3"):
+        load_config(cfg)
+    with pytest.raises(ConfigError, match="head_kernel are options of unet3d"):
+        load_config(cfg, ["model.head_kernel=3", "model.network=residual_unet"])
 
 
 def test_channels_set_each_level_width_and_a_wrong_count_is_refused(tmp_path):
@@ -562,7 +595,7 @@ def test_residual_unet_is_monais_unet_with_residual_units():
 def test_residual_unet_takes_none_of_unet3ds_options(tmp_path):
     cfg = write_config(tmp_path, tmp_path / "raw", model={"network": "residual_unet", "depth": 4})
     assert load_config(cfg).model.size_multiple == (8, 8, 8)
-    with pytest.raises(ConfigError, match="deep_supervision are options of unet3d"):
+    with pytest.raises(ConfigError, match="deep_supervision and head_kernel are options of unet3d"):
         load_config(cfg, ["model.deep_supervision=true"])
     with pytest.raises(ConfigError, match="network = 'vnet': choose unet3d or residual_unet"):
         load_config(cfg, ["model.network=vnet"])
@@ -2984,7 +3017,12 @@ def test_gpu_check_runs_through_on_a_cpu(tmp_path, capsys):
     assert "resume continues bit-exactly" in text and "<- the pipeline's choice" in text
 
 
-UNET3D_OPTIONS = {"stem_stride": "2, 2, 1", "residual": "true", "deep_supervision": "true"}
+UNET3D_OPTIONS = {
+    "stem_stride": "2, 2, 1",
+    "residual": "true",
+    "deep_supervision": "true",
+    "head_kernel": "3",
+}
 
 
 @pytest.mark.parametrize(
@@ -2996,7 +3034,8 @@ UNET3D_OPTIONS = {"stem_stride": "2, 2, 1", "residual": "true", "deep_supervisio
     ],
 )
 def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny_raw, mode, model):
-    """Strided stem, residual blocks and deep supervision (or the residual_unet network) train,
+    """Strided stem, residual blocks, deep supervision and a 3x3x3 head (or the residual_unet
+    network) train,
     validate every 2nd epoch (and the last), checkpoint, and predict the test cases from their
     raw scans."""
     import preprocess_script
@@ -3021,6 +3060,7 @@ def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny
         assert best["model_args"]["network"] == "residual_unet"
     else:
         assert best["model_args"]["stem_stride"] == [2, 2, 1] and best["model_args"]["residual"]
+        assert best["model_args"]["head_kernel"] == 3
     summary = pd.read_csv(tmp_path / "run" / "test_summary.csv")
     assert len(summary) == 3 and summary["n"].gt(0).all()
 

@@ -139,6 +139,7 @@ def network_arguments(model_settings: ModelConfig, num_classes: int) -> dict[str
         "stem_stride": list(model_settings.stem_stride),
         "residual": model_settings.residual,
         "deep_supervision": model_settings.deep_supervision,
+        "head_kernel": model_settings.head_kernel,
     }
 
 

@@ -22,6 +22,10 @@ Options (all off by default: the seed's shape):
 - deep_supervision: a 1x1x1 head on each decoder level below the top too; in training mode the
   forward returns all logits (steps.SegmentationLoss weighs them as nnU-Net does); in eval mode
   only the full-resolution ones.
+- head_kernel = 3: the full-resolution head is a 3x3x3 convolution (padded) instead of 1x1x1,
+  so each voxel's class sees its neighbours at full resolution, where the strided stem's
+  light path otherwise mixes features voxel by voxel (MONAI's UNet ends on a 3x3x3
+  convolution too). The deep-supervision heads stay 1x1x1.
 
 ResidualUNet (`network = residual_unet`) is another shape: MONAI's UNet with residual units
 (issue 18's peer), every level strided and a light decoder. make_network builds either from a
@@ -134,7 +138,7 @@ class ResidualBlock(nn.Module):
 class UNet3D(nn.Module):
     """Encoder (blocks + 2x max-pooling), decoder (2x transposed conv, concatenated skip,
     block), 1x1x1 head; optionally a strided stem with a light full-resolution path, residual
-    blocks and deep supervision (see the module docstring)."""
+    blocks, deep supervision and a 3x3x3 head (see the module docstring)."""
 
     def __init__(
         self,
@@ -147,9 +151,12 @@ class UNet3D(nn.Module):
         residual: bool = False,
         deep_supervision: bool = False,
         channels: Sequence[int] | None = None,
+        head_kernel: int = 1,
     ) -> None:
         super().__init__()
         channels = checked_channels(depth, channels)
+        if head_kernel not in (1, 3):
+            raise ValueError(f"head_kernel {head_kernel}: 1 or 3")
         stem_stride = tuple(int(s) for s in stem_stride)
         if len(stem_stride) != 3 or any(s not in (1, 2) for s in stem_stride):
             raise ValueError(f"stem_stride {stem_stride}: three values of 1 or 2 (H, W, slices)")
@@ -163,6 +170,7 @@ class UNet3D(nn.Module):
             "residual": residual,
             "deep_supervision": deep_supervision,
             "channels": channels,
+            "head_kernel": head_kernel,
         }
         block = ResidualBlock if residual else ConvBlock
         widths = channels or [base_channels * 2**level for level in range(depth)]
@@ -196,7 +204,7 @@ class UNet3D(nn.Module):
             self.fuse = nn.Sequential(
                 *conv_norm(2 * top, top, norm, kernel=1), nn.LeakyReLU(0.01, inplace=True)
             )
-        self.head = nn.Conv3d(top, num_classes, 1)
+        self.head = nn.Conv3d(top, num_classes, head_kernel, padding=head_kernel // 2)
         # deep supervision: the decoder levels below the one the full-resolution head reads
         self.supervised = (
             list(range(0 if self.strided else 1, depth - 1)) if deep_supervision else []
