@@ -129,6 +129,7 @@ class TrainingConfig:
     aug_gamma: float = 0.2
     aug_noise: float = 0.05
     aug_flip_lr: bool = True
+    aug_spatial_probability: float = 1.0  # per volume, of the rotation and of the scaling
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -368,6 +369,11 @@ def _check(config: Config) -> None:
     for key in ("weight_decay", "ce_weight", "dice_weight", "warmup_epochs", "loader_workers"):
         if getattr(t, key) < 0:
             raise ConfigError(f"[training] {key} = {getattr(t, key)!r}: must be >= 0")
+    if not 0.0 <= t.aug_spatial_probability <= 1.0:
+        raise ConfigError(
+            f"[training] aug_spatial_probability = {t.aug_spatial_probability}: a probability "
+            "in [0, 1]"
+        )
     if t.ce_weight + t.dice_weight == 0:
         raise ConfigError("[training] ce_weight and dice_weight are both 0: no loss to train on")
     p, m = config.preprocessing, config.model

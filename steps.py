@@ -69,9 +69,12 @@ def augment_batch(
 
     Spatial: rotation in the sagittal plane (+-aug_rotation_deg), isotropic scaling
     (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
-    flip. Images bilinear, masks nearest; with no rotation and no scaling, flips alone, exact
-    and without resampling. Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma))
-    on a per-volume 0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
+    flip. Each volume is rotated, and scaled, each with probability aug_spatial_probability
+    (1: always; nnU-Net draws each with 0.2); one neither rotated nor scaled is sampled at its
+    own voxel centres (unchanged, or mirrored). Images bilinear, masks nearest; with no
+    rotation and no scaling configured, flips alone, exact and without resampling.
+    Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma)) on a per-volume
+    0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
     Random draws are made on the batch's device (no host round trip) with torch's global
     generators, whose states the checkpoints save.
     """
@@ -100,6 +103,10 @@ def _affine(
     flip = torch.ones(batch, device=device)
     if settings.aug_flip_lr:
         flip = torch.where(torch.rand(batch, device=device) < 0.5, -1.0, 1.0)
+    if settings.aug_spatial_probability < 1:  # nnU-Net: each of the two with p = 0.2
+        rotate = torch.rand(batch, device=device) < settings.aug_spatial_probability
+        scale = torch.rand(batch, device=device) < settings.aug_spatial_probability
+        angle, zoom = torch.where(rotate, angle, 0.0), torch.where(scale, zoom, 1.0)
     aspect = height / width  # normalised coordinates -> roughly physical in-plane ratio
     zeros = torch.zeros(batch, device=device)
     cos, sin = torch.cos(angle), torch.sin(angle)

@@ -783,6 +783,37 @@ def test_flip_only_augmentation_is_exact_and_moves_image_and_mask_together():
     assert torch.equal(still[0], images) and torch.equal(still[1], masks)
 
 
+def test_spatial_probability_leaves_undrawn_volumes_unresampled(tmp_path):
+    """aug_spatial_probability = 0: rotation and scaling configured, yet every volume is itself
+    or its mirror (sampled at its own voxel centres) with its mask exact; at 1 the draws are
+    those of the default (every volume moved); outside [0, 1] the configuration is refused."""
+    torch.manual_seed(2)
+    images = torch.randn(8, 1, 8, 24, 16)
+    masks = torch.randint(0, 3, (8, 8, 24, 16))
+    spatial = TrainingConfig(
+        aug_rotation_deg=30, aug_scale=0.2, aug_intensity=0, aug_gamma=0, aug_noise=0
+    )
+    moved_images, moved_masks = augment_batch(
+        images, masks, replace(spatial, aug_spatial_probability=0)
+    )
+    mirrored = [torch.equal(moved_masks[i], masks[i].flip(0)) for i in range(8)]
+    for i in range(8):
+        expected = images[i].flip(1) if mirrored[i] else images[i]
+        assert torch.allclose(moved_images[i], expected, atol=1e-4)
+        assert torch.equal(moved_masks[i], masks[i].flip(0) if mirrored[i] else masks[i])
+    assert 0 < sum(mirrored) < 8
+    torch.manual_seed(3)
+    always = augment_batch(images, masks, replace(spatial, aug_spatial_probability=1.0))
+    torch.manual_seed(3)
+    default = augment_batch(images, masks, spatial)
+    assert torch.equal(always[0], default[0]) and torch.equal(always[1], default[1])
+    assert not torch.allclose(always[0][0], images[0], atol=1e-2)
+    (tmp_path / "raw").mkdir()
+    cfg = write_config(tmp_path, tmp_path / "raw", training={"aug_spatial_probability": 1.5})
+    with pytest.raises(ConfigError, match="aug_spatial_probability = 1.5: a probability"):
+        load_config(cfg)
+
+
 def test_orphan_masks_are_matched_by_exact_case_id(tmp_path):
     for folder, name in (("images", "11_t1.mha"), ("masks", "11_t1.mha"), ("masks", "1_t1.mha")):
         (tmp_path / folder).mkdir(exist_ok=True)
