@@ -450,7 +450,7 @@ def test_model_options_keep_the_output_at_full_resolution(options):
 
 
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_head_kernel_sets_how_far_a_voxels_class_sees_at_full_resolution(kernel, tmp_path):
+def test_head_kernel_sets_how_far_a_voxels_class_sees_at_full_resolution(kernel):
     """The gradient of one voxel's logits reaches the head's input at that voxel alone with a
     1x1x1 head, at its 26 neighbours too with a 3x3x3 one; a checkpoint written before the
     option (no head_kernel in its arguments) rebuilds the 1x1x1 head."""
@@ -3066,9 +3066,8 @@ UNET3D_OPTIONS = {
 )
 def test_end_to_end_with_every_model_option_and_sparse_validation(tmp_path, tiny_raw, mode, model):
     """Strided stem, residual blocks, deep supervision and a 3x3x3 head (or the residual_unet
-    network) train,
-    validate every 2nd epoch (and the last), checkpoint, and predict the test cases from their
-    raw scans."""
+    network) train, validate every 2nd epoch (and the last), checkpoint, and predict the test
+    cases from their raw scans."""
     import preprocess_script
     import trainandtest_script
 
