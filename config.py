@@ -152,6 +152,7 @@ class TrainingConfig:
 class TestingConfig:
     checkpoint: str = "best"
     map_probabilities: bool = True
+    map_log: bool = False  # with map_probabilities: resample log-probabilities (nnU-Net's logits)
     figures: int = 4
     instances: bool = False
     min_instance_mm3: float = 100.0
@@ -415,6 +416,11 @@ def _check(config: Config) -> None:
             raise ConfigError(f"[preprocessing] {key} = {getattr(p, key)!r}: must be >= 0")
     if config.testing.figures < 0:
         raise ConfigError(f"[testing] figures = {config.testing.figures}: must be >= 0")
+    if config.testing.map_log and not config.testing.map_probabilities:
+        raise ConfigError(
+            "[testing] map_log = true needs map_probabilities = true (it changes how the "
+            "probabilities are resampled; nearest-neighbour labels have none)"
+        )
     for key in ("min_instance_mm3", "min_component_mm3"):
         if getattr(config.testing, key) < 0:
             raise ConfigError(f"[testing] {key} = {getattr(config.testing, key)}: must be >= 0")

@@ -304,11 +304,16 @@ def predict_probabilities(
 
 
 def back_to_scan(
-    probabilities: np.ndarray, grid_image: sitk.Image, scan: sitk.Image, map_probabilities: bool
+    probabilities: np.ndarray,
+    grid_image: sitk.Image,
+    scan: sitk.Image,
+    map_probabilities: bool,
+    map_log: bool = False,
 ) -> sitk.Image:
-    """Grid prediction -> uint8 class indices on the scan (probabilities or labels resampled)."""
+    """Grid prediction -> uint8 class indices on the scan (probabilities, their logarithms with
+    map_log, or labels resampled)."""
     if map_probabilities:
-        return grid_to_scan(probabilities, grid_image, scan)
+        return grid_to_scan(probabilities, grid_image, scan, log=map_log)
     grid_labels = sitk.GetImageFromArray(probabilities.argmax(0).astype(np.uint8))
     grid_labels.CopyInformation(grid_image)
     return labels_to_scan(grid_labels, scan)
@@ -352,7 +357,9 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
         height, width, slices = predictor.plan["patch_size"]
         patch = (slices, height, width)
     probabilities = ensemble_probabilities(predictor, grid.image, patch)
-    classes = back_to_scan(probabilities, grid.image, scan, testing.map_probabilities)
+    classes = back_to_scan(
+        probabilities, grid.image, scan, testing.map_probabilities, testing.map_log
+    )
     if testing.min_component_mm3 > 0:
         classes = remove_small_components(classes, testing.min_component_mm3)
     instances = confidence = None

@@ -317,6 +317,27 @@ def test_round_trip_dice_at_default_settings(tmp_path):
         assert dice(back == c, reference == c) >= 0.95, c
 
 
+def test_log_mapping_compares_geometric_means_between_grid_voxels(tmp_path):
+    """Two grid voxels 2 mm apart, the scan's middle voxel halfway between them. Class 1 has
+    0.9 then 0.05, class 2 0.1 then 0.5: arithmetic means 0.475 against 0.3 (class 1),
+    geometric means 0.21 against 0.22 (class 2). On the grid voxels both mappings agree;
+    map_log without map_probabilities is refused."""
+    grid = sitk.Image(2, 1, 1, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 1.0, 1.0))
+    scan = sitk.Image(3, 1, 1, sitk.sitkInt16)
+    probabilities = np.zeros((4, 1, 1, 2), dtype=np.float32)
+    probabilities[:, 0, 0, 0] = (0.0, 0.9, 0.1, 0.0)
+    probabilities[:, 0, 0, 1] = (0.0, 0.05, 0.5, 0.45)
+    linear = sitk.GetArrayFromImage(grid_to_scan(probabilities, grid, scan))[0, 0]
+    log = sitk.GetArrayFromImage(grid_to_scan(probabilities, grid, scan, log=True))[0, 0]
+    assert linear.tolist() == [1, 1, 2] and log.tolist() == [1, 2, 2]
+    (tmp_path / "raw").mkdir()
+    cfg = write_config(tmp_path, tmp_path / "raw", testing={"map_log": "true"})
+    assert load_config(cfg).testing.map_log
+    with pytest.raises(ConfigError, match="map_log = true needs map_probabilities = true"):
+        load_config(cfg, ["testing.map_probabilities=false"])
+
+
 def test_lps_and_pir_storage_give_the_same_grid(tmp_path):
     settings = PreprocessingConfig(grid=(64, 32, 16))
     grids = []

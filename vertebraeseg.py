@@ -31,6 +31,7 @@ GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x 
 MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
 PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
 BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
+LOG_FLOOR = 1e-6  # grid_to_scan(log=True): probabilities below this count as this
 
 
 class CaseError(ValueError):
@@ -401,7 +402,7 @@ def load_case(
 
 
 def grid_to_scan(
-    probabilities: np.ndarray, grid_reference: sitk.Image, scan: sitk.Image
+    probabilities: np.ndarray, grid_reference: sitk.Image, scan: sitk.Image, log: bool = False
 ) -> sitk.Image:
     """Class probabilities on the grid -> uint8 class-index mask in the scan's own geometry.
 
@@ -409,13 +410,20 @@ def grid_to_scan(
     grid_reference: the grid image (its origin/spacing/direction); scan: the original scan
     (any orientation). Each class map is resampled linearly onto the scan (outside the crop:
     background), then the arg-max is taken: one resample per class, no label mixing.
+    log: resample the log-probabilities (floored at LOG_FLOOR) instead: between two grid
+    voxels the classes compete by geometric, not arithmetic, means. For one network's softmax
+    that arg-max is the one of the resampled logits, as nnU-Net v2 maps its predictions back.
     """
-    best = np.full(scan.GetSize()[::-1], -1.0, dtype=np.float32)
+    best = np.full(scan.GetSize()[::-1], -np.inf, dtype=np.float32)
     labels = np.zeros(scan.GetSize()[::-1], dtype=np.uint8)
     for index, channel in enumerate(probabilities):
-        grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel, dtype=np.float32))
-        grid_map.CopyInformation(grid_reference)
+        channel = np.asarray(channel, dtype=np.float32)
         outside = 1.0 if index == 0 else 0.0
+        if log:
+            channel = np.log(np.maximum(channel, LOG_FLOOR))
+            outside = float(np.log(max(outside, LOG_FLOOR)))
+        grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel))
+        grid_map.CopyInformation(grid_reference)
         resampled = sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
         on_scan = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` must stay alive
         better = on_scan > best
