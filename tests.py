@@ -1737,13 +1737,15 @@ def test_window_starts_cover_everything(size, patch, overlap):
 
 
 def test_shipped_slab_windows_tile_a_slab_two_by_two():
-    """The slab file's patch and overlap: a slab's 300 x 240 mm sagittal plane at 0.94 mm
-    (319 x 255 voxels, 24 slices of 0.9 mm) takes 2 x 2 windows in the plane (3 x 2 at
-    nnU-Net's 0.5), all of it covered, the windows overlapping by at least 1/8 of the patch."""
+    """The slab file's patch and overlap: a slab's 300 x 240 mm sagittal plane, 21.6 mm wide
+    (24 native slices of 0.9 mm), at the file's spacing (0.94 mm: 319 x 255 voxels) takes
+    2 x 2 windows in the plane (3 x 2 at nnU-Net's 0.5), all of it covered, the windows
+    overlapping by at least 1/8 of the patch."""
     cfg = load_config(ROOT / "configuration_spider_slabs.txt")
     height, width, slices = patch_size(cfg.training.patch_size, cfg.model.size_multiple)
     patch = (slices, height, width)
-    size = (24, 319, 255)
+    si, ap, lr = target_spacing(cfg.preprocessing.target_spacing)
+    size = (round(21.6 / lr), round(300 / si), round(240 / ap))
     starts = window_starts(size, patch, cfg.testing.overlap)
     assert [len({s[axis] for s in starts}) for axis in range(3)] == [2, 2, 2]
     assert [len({s[axis] for s in window_starts(size, patch, 0.5)}) for axis in (1, 2)] == [3, 2]
