@@ -29,8 +29,9 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     steps.run_epoch with augmentation. Inference: test_unet.segment_scan (read excluded) of a
     synthetic scan of a real slab's size and spacing, 512 x 640 x 24 at 0.47 x 0.47 x 0.9 mm
     (the body crop where [preprocessing] crop is on, resample to the target spacing, sliding
-    window with [testing] overlap and tta_flip, probabilities back onto the scan; no instance
-    step), by [training] members networks (an ensemble costs each member's inference).
+    window with [testing] overlap, tta_flip and tta_shift, probabilities back onto the scan;
+    no instance step), by [training] members networks (an ensemble costs each member's
+    inference).
     """
     import SimpleITK as sitk
 
@@ -106,6 +107,7 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
         "scan_size": list(scan.GetSize()),
         "overlap": config.testing.overlap,
         "tta_flip": config.testing.tta_flip,
+        "tta_shift": config.testing.tta_shift,
         "members": training.members,
         "seconds_per_scan": float(np.mean(timings[1:])),
     }
@@ -124,6 +126,7 @@ def table(record: dict) -> str:
             f"  {'training':<36} {s['train_patches_per_s']:.2f} patches/s",
             f"  {'inference per ' + 'x'.join(map(str, s['scan_size'])) + ' scan':<36} "
             f"{s['seconds_per_scan']:.2f} s (overlap {s['overlap']}, flip TTA {s['tta_flip']}, "
+            f"shift TTA {s.get('tta_shift', False)}, "
             f"{s['members']} network{'s' if s['members'] > 1 else ''})",
         ]
     )

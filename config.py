@@ -159,6 +159,7 @@ class TestingConfig:
     ensemble: bool = False
     overlap: float = 0.5
     tta_flip: bool = False
+    tta_shift: bool = False  # a second pass on the grid shifted half a voxel in-plane
     min_component_mm3: float = 0.0
 
 
@@ -420,6 +421,11 @@ def _check(config: Config) -> None:
         raise ConfigError(
             "[testing] map_log = true needs map_probabilities = true (it changes how the "
             "probabilities are resampled; nearest-neighbour labels have none)"
+        )
+    if config.testing.tta_shift and not config.testing.map_probabilities:
+        raise ConfigError(
+            "[testing] tta_shift = true needs map_probabilities = true (the two grids' "
+            "predictions meet on the scan as probabilities)"
         )
     for key in ("min_instance_mm3", "min_component_mm3"):
         if getattr(config.testing, key) < 0:

@@ -41,12 +41,14 @@ from store_plot_metrics import plot_overlay, write_csv
 from train import build_model
 from vertebraeseg import (
     CANONICAL,
+    HALF_IN_PLANE,
     CaseError,
     atomic_write_image,
     check_same_geometry,
     grid_to_scan,
     labels_to_scan,
     map_labels,
+    predictions_to_scan,
     read_scan,
     to_grid,
 )
@@ -320,12 +322,16 @@ def back_to_scan(
 
 
 def ensemble_probabilities(
-    predictor: Predictor, grid_image: sitk.Image, patch: tuple[int, int, int] | None
+    predictor: Predictor,
+    grid_image: sitk.Image,
+    patch: tuple[int, int, int] | None,
+    flip: bool | None = None,
 ) -> np.ndarray:
     """Class probabilities (classes, slices, height, width) of the predictor's networks on one
     preprocessed image: their mean (one network: its own), each as predict_probabilities
-    gives them with the predictor's settings."""
+    gives them with the predictor's settings (flip: None for [testing] tta_flip)."""
     testing = predictor.testing
+    flip = testing.tta_flip if flip is None else flip
     total = None
     for model in predictor.models:
         probabilities = predict_probabilities(
@@ -335,12 +341,20 @@ def ensemble_probabilities(
             predictor.precision,
             patch,
             testing.overlap,
-            testing.tta_flip,
+            flip,
             predictor.window_batch,
             predictor.channels_last,
         )
         total = probabilities if total is None else total + probabilities
     return total / len(predictor.models)
+
+
+def mirrored(image: sitk.Image) -> sitk.Image:
+    """A PIR grid image mirrored left-right (its slices, the array's first axis, in reverse
+    order) with the same geometry: the input of a flipped pass."""
+    result = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(image)[::-1]))
+    result.CopyInformation(image)
+    return result
 
 
 def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
@@ -349,17 +363,32 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     The one prediction path: predict_script.py and the test loop both call it, so a reported
     test number is what a user gets. Preprocessing follows the predictor's plan; the instance
     step (instances.separate_instances) runs on the scan when the predictor asks for it.
+    With [testing] tta_shift the scan is predicted on two grids half a voxel apart in-plane
+    (the flipped pass of tta_flip on the shifted one) and the two meet on the scan; the
+    confidence map comes from the unshifted grid.
     """
     settings, testing = plan_settings(predictor.plan), predictor.testing
-    grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings)
+    oriented = sitk.DICOMOrient(scan, CANONICAL)
+    grid = to_grid(oriented, None, settings)
     patch = None
     if settings.mode == "spacing":
         height, width, slices = predictor.plan["patch_size"]
         patch = (slices, height, width)
-    probabilities = ensemble_probabilities(predictor, grid.image, patch)
-    classes = back_to_scan(
-        probabilities, grid.image, scan, testing.map_probabilities, testing.map_log
-    )
+    if testing.tta_shift:
+        shifted = to_grid(oriented, None, settings, HALF_IN_PLANE).image
+        probabilities = ensemble_probabilities(predictor, grid.image, patch, flip=False)
+        if testing.tta_flip:  # the mirrored scan's prediction alone, mirrored back
+            second = ensemble_probabilities(predictor, mirrored(shifted), patch, False)
+            second = np.ascontiguousarray(second[:, ::-1])
+        else:
+            second = ensemble_probabilities(predictor, shifted, patch, False)
+        predictions = [(probabilities, grid.image), (second, shifted)]
+        classes = predictions_to_scan(predictions, scan, testing.map_log)
+    else:
+        probabilities = ensemble_probabilities(predictor, grid.image, patch)
+        classes = back_to_scan(
+            probabilities, grid.image, scan, testing.map_probabilities, testing.map_log
+        )
     if testing.min_component_mm3 > 0:
         classes = remove_small_components(classes, testing.min_component_mm3)
     instances = confidence = None

@@ -67,14 +67,17 @@ from train import NonFiniteLossError, fit, load_checkpoint, patient_split
 from training_data import choose_cache
 from unet_model import Conv3d, ResidualUNet, UNet3D, make_network
 from vertebraeseg import (
+    HALF_IN_PLANE,
     CaseError,
     CaseFiles,
     body_mask,
     crop_box,
     discover_cases,
+    grid_geometry,
     grid_to_scan,
     load_case,
     map_labels,
+    predictions_to_scan,
     to_grid,
 )
 
@@ -335,6 +338,45 @@ def test_log_mapping_compares_geometric_means_between_grid_voxels(tmp_path):
     cfg = write_config(tmp_path, tmp_path / "raw", testing={"map_log": "true"})
     assert load_config(cfg).testing.map_log
     with pytest.raises(ConfigError, match="map_log = true needs map_probabilities = true"):
+        load_config(cfg, ["testing.map_probabilities=false"])
+
+
+def test_shifted_grid_lies_half_a_voxel_over_and_two_grids_meet_on_the_scan(tmp_path):
+    """tta_shift's geometry: the shifted grid keeps size and spacing and moves half a grid
+    voxel along the region's own A-P and S-I axes (a non-identity direction here). Two grids'
+    predictions meet on the scan as the mean of their (log-)probabilities: the more certain
+    grid wins. tta_shift without map_probabilities is refused."""
+    region = sitk.Image(8, 6, 4, sitk.sitkFloat32)
+    region.SetSpacing((0.5, 0.5, 0.9))
+    region.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    size, spacing, origin = grid_geometry(region, (3, 4, 2))
+    shifted_size, shifted_spacing, shifted_origin = grid_geometry(region, (3, 4, 2), HALF_IN_PLANE)
+    assert shifted_size == size == (4, 3, 2) and shifted_spacing == spacing == (1.0, 1.0, 1.8)
+    assert np.allclose(np.subtract(shifted_origin, origin), (0.0, 0.5, 0.5))
+
+    grid = sitk.Image(2, 1, 1, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 1.0, 1.0))
+    half_over = sitk.Image(grid)
+    half_over.SetOrigin((1.0, 0.0, 0.0))
+    scan = sitk.Image(3, 1, 1, sitk.sitkInt16)
+    scan.SetOrigin((1.0, 0.0, 0.0))  # voxels at x = 1, 2, 3: inside both grids
+    unsure = np.zeros((4, 1, 1, 2), dtype=np.float32)
+    unsure[1:3] = np.array([0.6, 0.4])[:, None, None, None]  # class 1, barely
+    sure = np.zeros_like(unsure)
+    sure[1:3] = np.array([0.1, 0.9])[:, None, None, None]  # class 2, firmly
+    for log in (False, True):
+        alone = predictions_to_scan([(unsure, grid)], scan, log)
+        assert np.array_equal(
+            sitk.GetArrayFromImage(alone),
+            sitk.GetArrayFromImage(grid_to_scan(unsure, grid, scan, log)),
+        )
+        both = predictions_to_scan([(unsure, grid), (sure, half_over)], scan, log)
+        assert sitk.GetArrayFromImage(alone)[0, 0, :2].tolist() == [1, 1]
+        assert sitk.GetArrayFromImage(both)[0, 0, :2].tolist() == [2, 2]
+    (tmp_path / "raw").mkdir()
+    cfg = write_config(tmp_path, tmp_path / "raw", testing={"tta_shift": "true"})
+    assert load_config(cfg).testing.tta_shift
+    with pytest.raises(ConfigError, match="tta_shift = true needs map_probabilities = true"):
         load_config(cfg, ["testing.map_probabilities=false"])
 
 
@@ -2331,7 +2373,8 @@ def test_resume_refuses_changed_training_settings(trained_run, capsys):
 
 def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
     """Spacing mode: one target spacing (sizes follow), patch training, sliding-window testing
-    with flip TTA and small-component removal; a case smaller than a patch is padded."""
+    with flip TTA on a half-voxel shifted grid and small-component removal; a case smaller
+    than a patch is padded."""
     import predict_script
     import preprocess_script
     import trainandtest_script
@@ -2341,7 +2384,13 @@ def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
         tiny_raw,
         preprocessing={"mode": "spacing", "target_spacing": "2, 2, 5"},
         training={"epochs": 2, "patch_size": "32, 32, 16", "steps_per_epoch": 2},
-        testing={"figures": 0, "overlap": 0.5, "tta_flip": "true", "min_component_mm3": 20},
+        testing={
+            "figures": 0,
+            "overlap": 0.5,
+            "tta_flip": "true",
+            "tta_shift": "true",
+            "min_component_mm3": 20,
+        },
     )
     assert preprocess_script.main(["--config", str(cfg)]) == 0
     plan = json.loads((tmp_path / "pre" / "plan.json").read_text())

@@ -31,6 +31,8 @@ GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x 
 MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
 PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
 BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
+NO_SHIFT = (0.0, 0.0, 0.0)  # grid_geometry's phase: the grid's edges on the region's
+HALF_IN_PLANE = (0.5, 0.5, 0.0)  # half a grid voxel along A-P and S-I (PIR x, y): tta_shift
 LOG_FLOOR = 1e-6  # grid_to_scan(log=True): probabilities below this count as this
 
 
@@ -294,12 +296,13 @@ def crop_box(
 
 
 def grid_geometry(
-    region: sitk.Image, grid: tuple[int, int, int]
+    region: sitk.Image, grid: tuple[int, int, int], phase: tuple[float, float, float] = NO_SHIFT
 ) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
     """Size, spacing and origin of a grid covering `region`'s physical extent exactly.
 
     grid: (height S-I, width A-P, slices) -> sitk size (x=width, y=height, z=slices) for PIR.
-    The grid's outer voxel edges coincide with the region's outer voxel edges.
+    The grid's outer voxel edges coincide with the region's outer voxel edges, unless `phase`
+    (a fraction of a grid voxel along x, y, z) shifts the whole grid by that much.
     """
     height, width, slices = grid
     size = (width, height, slices)
@@ -307,16 +310,21 @@ def grid_geometry(
     old_spacing = np.array(region.GetSpacing())
     spacing = old_size * old_spacing / np.array(size)
     direction = np.array(region.GetDirection()).reshape(3, 3)
-    shift = direction @ ((spacing - old_spacing) / 2)
+    shift = direction @ ((spacing - old_spacing) / 2 + np.array(phase) * spacing)
     origin = np.array(region.GetOrigin()) + shift
     return size, tuple(spacing.tolist()), tuple(origin.tolist())
 
 
 def resample_to_grid(
-    image: sitk.Image, grid: tuple[int, int, int], interpolator: int, default: float = 0.0
+    image: sitk.Image,
+    grid: tuple[int, int, int],
+    interpolator: int,
+    default: float = 0.0,
+    phase: tuple[float, float, float] = NO_SHIFT,
 ) -> sitk.Image:
-    """Resample `image` onto the grid that covers its own physical extent."""
-    size, spacing, origin = grid_geometry(image, grid)
+    """Resample `image` onto the grid that covers its own physical extent (shifted by
+    `phase` of a grid voxel: grid_geometry)."""
+    size, spacing, origin = grid_geometry(image, grid, phase)
     return sitk.Resample(
         image,
         size,
@@ -347,6 +355,7 @@ def to_grid(
     image: sitk.Image,
     labels: sitk.Image | None,
     settings: PreprocessingConfig,
+    phase: tuple[float, float, float] = NO_SHIFT,
 ) -> GridCase:
     """Reoriented (PIR) image [+ class-index mask] -> GridCase.
 
@@ -354,6 +363,8 @@ def to_grid(
     settings.target_spacing (resolved mm values, not auto; see spacing_mode.py), its size
     following. image: float or integer scalar image in CANONICAL orientation; labels: uint8
     class indices with the same geometry, or None (then the box comes from the body alone).
+    phase: shift of the grid by this fraction of its voxel along x, y, z (grid_geometry; the
+    test-time shift, [testing] tta_shift).
     """
     normalised = normalise(
         image, settings.normalisation, settings.clip_percentiles, settings.padding_value
@@ -375,11 +386,11 @@ def to_grid(
         if spacing is None:
             raise ValueError("target_spacing = auto must be resolved (spacing_mode.py) first")
         grid = spacing_grid(region, spacing)
-    grid_image = resample_to_grid(region, grid, interpolator, default=low)
+    grid_image = resample_to_grid(region, grid, interpolator, default=low, phase=phase)
     grid_mask = None
     if labels is not None:
         mask_region = sitk.RegionOfInterest(labels, size, index)
-        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor)
+        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor, phase=phase)
     return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened)
 
 
@@ -414,20 +425,32 @@ def grid_to_scan(
     voxels the classes compete by geometric, not arithmetic, means. For one network's softmax
     that arg-max is the one of the resampled logits, as nnU-Net v2 maps its predictions back.
     """
+    return predictions_to_scan([(probabilities, grid_reference)], scan, log)
+
+
+def predictions_to_scan(
+    predictions: list[tuple[np.ndarray, sitk.Image]], scan: sitk.Image, log: bool = False
+) -> sitk.Image:
+    """Several grids' class probabilities -> one uint8 class-index mask on the scan: each
+    (probabilities, grid image) pair resampled as grid_to_scan does, the maps of a class
+    summed over the pairs (their mean: of log-probabilities with log), then the arg-max. The
+    grids may differ (tta_shift: the same scan on grids half a voxel apart)."""
     best = np.full(scan.GetSize()[::-1], -np.inf, dtype=np.float32)
     labels = np.zeros(scan.GetSize()[::-1], dtype=np.uint8)
-    for index, channel in enumerate(probabilities):
-        channel = np.asarray(channel, dtype=np.float32)
-        outside = 1.0 if index == 0 else 0.0
-        if log:
-            channel = np.log(np.maximum(channel, LOG_FLOOR))
-            outside = float(np.log(max(outside, LOG_FLOOR)))
-        grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel))
-        grid_map.CopyInformation(grid_reference)
-        resampled = sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
-        on_scan = sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` must stay alive
-        better = on_scan > best
-        best[better] = on_scan[better]
+    for index in range(len(predictions[0][0])):
+        total = np.zeros(scan.GetSize()[::-1], dtype=np.float32)
+        for probabilities, grid_reference in predictions:
+            channel = np.asarray(probabilities[index], dtype=np.float32)
+            outside = 1.0 if index == 0 else 0.0
+            if log:
+                channel = np.log(np.maximum(channel, LOG_FLOOR))
+                outside = float(np.log(max(outside, LOG_FLOOR)))
+            grid_map = sitk.GetImageFromArray(np.ascontiguousarray(channel))
+            grid_map.CopyInformation(grid_reference)
+            resampled = sitk.Resample(grid_map, scan, sitk.Transform(), sitk.sitkLinear, outside)
+            total += sitk.GetArrayViewFromImage(resampled)  # a view: `resampled` still alive
+        better = total > best
+        best[better] = total[better]
         labels[better] = index
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(scan)
