@@ -126,7 +126,7 @@ def table(record: dict) -> str:
             f"  {'training':<36} {s['train_patches_per_s']:.2f} patches/s",
             f"  {'inference per ' + 'x'.join(map(str, s['scan_size'])) + ' scan':<36} "
             f"{s['seconds_per_scan']:.2f} s (overlap {s['overlap']}, flip TTA {s['tta_flip']}, "
-            f"shift TTA {s.get('tta_shift', False)}, "
+            f"shift TTA {s['tta_shift']}, "
             f"{s['members']} network{'s' if s['members'] > 1 else ''})",
         ]
     )

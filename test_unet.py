@@ -41,7 +41,6 @@ from store_plot_metrics import plot_overlay, write_csv
 from train import build_model
 from vertebraeseg import (
     CANONICAL,
-    HALF_IN_PLANE,
     CaseError,
     atomic_write_image,
     check_same_geometry,
@@ -368,14 +367,13 @@ def segment_scan(predictor: Predictor, scan: sitk.Image) -> Segmentation:
     confidence map comes from the unshifted grid.
     """
     settings, testing = plan_settings(predictor.plan), predictor.testing
-    oriented = sitk.DICOMOrient(scan, CANONICAL)
-    grid = to_grid(oriented, None, settings)
+    grid = to_grid(sitk.DICOMOrient(scan, CANONICAL), None, settings, testing.tta_shift)
     patch = None
     if settings.mode == "spacing":
         height, width, slices = predictor.plan["patch_size"]
         patch = (slices, height, width)
     if testing.tta_shift:
-        shifted = to_grid(oriented, None, settings, HALF_IN_PLANE).image
+        shifted = grid.shifted_image
         probabilities = ensemble_probabilities(predictor, grid.image, patch, flip=False)
         if testing.tta_flip:  # the mirrored scan's prediction alone, mirrored back
             second = ensemble_probabilities(predictor, mirrored(shifted), patch, False)

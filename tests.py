@@ -353,6 +353,16 @@ def test_shifted_grid_lies_half_a_voxel_over_and_two_grids_meet_on_the_scan(tmp_
     shifted_size, shifted_spacing, shifted_origin = grid_geometry(region, (3, 4, 2), HALF_IN_PLANE)
     assert shifted_size == size == (4, 3, 2) and shifted_spacing == spacing == (1.0, 1.0, 1.8)
     assert np.allclose(np.subtract(shifted_origin, origin), (0.0, 0.5, 0.5))
+    region = sitk.GetImageFromArray(np.random.default_rng(0).random((4, 6, 8), np.float32))
+    region.SetSpacing((0.5, 0.5, 0.9))
+    case = to_grid(region, None, PreprocessingConfig(grid=(3, 4, 2), crop=False), shifted=True)
+    assert case.shifted_image.GetSize() == case.image.GetSize()
+    assert np.allclose(
+        np.subtract(case.shifted_image.GetOrigin(), case.image.GetOrigin()), (0.5, 0.5, 0.0)
+    )
+    assert (
+        to_grid(region, None, PreprocessingConfig(grid=(3, 4, 2), crop=False)).shifted_image is None
+    )
 
     grid = sitk.Image(2, 1, 1, sitk.sitkFloat32)
     grid.SetSpacing((2.0, 1.0, 1.0))

@@ -58,6 +58,7 @@ class GridCase:
     crop_index: tuple[int, int, int]  # in the PIR-reoriented scan, (x, y, z)
     crop_size: tuple[int, int, int]
     crop_widened: bool  # the body box was widened so that no labelled voxel is cut
+    shifted_image: sitk.Image | None = None  # on the grid moved by HALF_IN_PLANE (tta_shift)
 
 
 def split_suffix(name: str) -> tuple[str, str] | None:
@@ -355,7 +356,7 @@ def to_grid(
     image: sitk.Image,
     labels: sitk.Image | None,
     settings: PreprocessingConfig,
-    phase: tuple[float, float, float] = NO_SHIFT,
+    shifted: bool = False,
 ) -> GridCase:
     """Reoriented (PIR) image [+ class-index mask] -> GridCase.
 
@@ -363,8 +364,8 @@ def to_grid(
     settings.target_spacing (resolved mm values, not auto; see spacing_mode.py), its size
     following. image: float or integer scalar image in CANONICAL orientation; labels: uint8
     class indices with the same geometry, or None (then the box comes from the body alone).
-    phase: shift of the grid by this fraction of its voxel along x, y, z (grid_geometry; the
-    test-time shift, [testing] tta_shift).
+    shifted: also the image on the grid moved half a voxel in-plane (HALF_IN_PLANE, from the
+    same normalised crop), as GridCase.shifted_image: the second pass of [testing] tta_shift.
     """
     normalised = normalise(
         image, settings.normalisation, settings.clip_percentiles, settings.padding_value
@@ -386,12 +387,15 @@ def to_grid(
         if spacing is None:
             raise ValueError("target_spacing = auto must be resolved (spacing_mode.py) first")
         grid = spacing_grid(region, spacing)
-    grid_image = resample_to_grid(region, grid, interpolator, default=low, phase=phase)
+    grid_image = resample_to_grid(region, grid, interpolator, default=low)
+    shifted_image = None
+    if shifted:
+        shifted_image = resample_to_grid(region, grid, interpolator, low, HALF_IN_PLANE)
     grid_mask = None
     if labels is not None:
         mask_region = sitk.RegionOfInterest(labels, size, index)
-        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor, phase=phase)
-    return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened)
+        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor)
+    return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened, shifted_image)
 
 
 def load_case(
