@@ -25,6 +25,11 @@ The algorithm, and why:
 1. Fragments. Connected components (26-connectivity) of each class smaller than
    ``min_instance_mm3`` are set to background first; so are instances that end up smaller.
 2. Discs are physically separate: each connected component is a disc (or a piece of one).
+   A piece smaller than DISC_PIECE_FRACTION x the median disc is no landmark: the disc
+   column, the levels of seeds and "below the lowest disc" (steps 3c-e') and the numbering
+   (f) use the larger discs only. A model's stray disc blob in the sacrum (a real slab's
+   S1/S2 remnant) would otherwise become the lowest disc, keep a piece of S1 between it and
+   L5/S1 as "L5", and shift every name by one.
 3. Vertebrae. A vertebra includes its posterior elements, which in sagittal slices (always in
    a thin central slab) touch neither the body nor each other, while neighbouring bodies may
    touch through a thin or missed disc. So a connected component is not a vertebra. Instead:
@@ -96,7 +101,9 @@ The algorithm, and why:
       this reproduces the generator's rule ("less than 70 % of the body height visible") in
       116 of 120 small cases; the misses are cut vertebrae with 80 % or more of the volume of
       the one below.
-4. Disc numbering: 200 + k for the disc directly below vertebra k (201 = L5/S1), from step f.
+4. Disc numbering: 200 + k for the disc directly below vertebra k (201 = L5/S1), from step f;
+   a small piece takes the number of the disc level nearest to it, and none (0) when that
+   lies below L5/S1.
 5. Canal: every canal voxel (fragments removed) -> 100.
 
 Limitations:
@@ -635,19 +642,20 @@ def _instances_in_box(
 
     disc_components = _components(array == disc_class, spacing, min_mm3)
     disc_centres, disc_depths = _shapes(_frame_image(disc_components, spacing))
-    disc_depth = float(np.median(list(disc_depths.values()))) if disc_depths else 0.0
+    disc_volumes = np.bincount(disc_components.ravel())
+    typical_disc = float(np.median(disc_volumes[list(disc_centres)])) if disc_centres else 0.0
+    landmark = {i for i in disc_centres if disc_volumes[i] >= DISC_PIECE_FRACTION * typical_disc}
+    landmarks = {i: disc_centres[i] for i in landmark}
+    disc_depth = float(np.median([disc_depths[i] for i in landmark])) if landmark else 0.0
 
     vertebrae = _components(array == vertebra_class, spacing, min_mm3) > 0
     labels, seed_centres = _vertebra_instances(
-        vertebrae, spacing, disc_centres, disc_depth, touches_bottom
+        vertebrae, spacing, landmarks, disc_depth, touches_bottom
     )
     counts = np.bincount(labels.ravel(), minlength=int(labels.max()) + 1)
     alive = {
         i: c for i, c in seed_centres.items() if counts[i] > 0 and counts[i] * voxel_mm3 >= min_mm3
     }
-    disc_volumes = np.bincount(disc_components.ravel())
-    typical_disc = float(np.median(disc_volumes[list(disc_centres)])) if disc_centres else 0.0
-    landmark = {i for i in disc_centres if disc_volumes[i] >= DISC_PIECE_FRACTION * typical_disc}
     vertebra_numbers, disc_numbers, notes = number_levels(
         {i: -c[1] for i, c in alive.items()},
         {i: -c[1] for i, c in disc_centres.items() if i in landmark},
@@ -723,7 +731,8 @@ def number_levels(
 
     vertebrae / discs: id -> height (mm, larger = more superior) of a vertebral body's centre
     / a disc's centroid; pieces: small disc pieces (id -> height), which are no landmarks:
-    each takes the disc number nearest to its height on the scale the others set. Returns
+    each takes the disc number nearest to its height on the scale the others set, or none
+    (left out of the result) when that is below L5/S1, in the sacrum. Returns
     (vertebra numbers: 1 = L5 upward; disc numbers (discs and pieces): k = the disc directly
     below vertebra k, 1 = L5/S1; notes: why a name may be wrong, [] when the sequence is
     complete).
@@ -784,7 +793,9 @@ def number_levels(
             q = positions[-1] + (height - high) / half
         else:
             q = float(np.interp(height, heights, positions))
-        disc_numbers[i] = max(1, int(np.floor((q + 1) / 2 + 0.5)))  # the nearest disc, 2k - 1
+        nearest = int(np.floor((q + 1) / 2 + 0.5))  # the nearest disc, at half-level 2k - 1
+        if nearest >= 1:  # nearer to a disc below L5/S1: in the sacrum, unnumbered
+            disc_numbers[i] = nearest
     found = {2 * k - 1 for k in disc_numbers.values()}  # a piece may fill a disc's gap
     for below, above in gaps:
         missing = [_half_level_name(q) for q in range(below + 1, above) if q not in found]

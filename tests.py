@@ -31,7 +31,14 @@ from config import (
     target_spacing,
 )
 from devices import Distributed, bf16_supported
-from instances import instance_table, level_name, level_note, number_levels, separate_instances
+from instances import (
+    DISC_PIECE_FRACTION,
+    instance_table,
+    level_name,
+    level_note,
+    number_levels,
+    separate_instances,
+)
 from metrics import confusion_matrix, scores_from_confusion
 from patches import (
     crop_patches,
@@ -1166,6 +1173,32 @@ def test_a_piece_of_sacrum_predicted_as_vertebra_keeps_l5_as_l5(
         assert level_note(result) == ""
 
 
+def test_a_stray_disc_blob_in_the_sacrum_does_not_make_a_piece_of_s1_l5():
+    """A model's small disc blob low in the sacrum (an S1/S2 remnant, as on a real slab) is no
+    landmark: the piece of S1 above it stays sacrum, the blob gets no number, L5 stays L5."""
+    _, mask = synth_patient(np.random.default_rng(0), small=True)
+    expected = sitk.GetArrayFromImage(mask).astype(int)
+    classes_image, block = _with_sacrum_block(mask, 8)
+    classes = sitk.GetArrayFromImage(classes_image)
+    zz, yy, xx = np.nonzero(block)
+    top = yy.max() + 1 + int(round(6 / mask.GetSpacing()[1]))  # 6 mm below the S1 piece
+    rows = slice(top, top + int(round(3 / mask.GetSpacing()[1])))  # 3 mm tall
+    middle, quarter = (xx.min() + xx.max()) // 2, (xx.max() - xx.min()) // 4
+    blob = np.zeros(classes.shape, bool)
+    blob[zz.min() : zz.max() + 1, rows, middle - quarter // 2 : middle + quarter // 2] = True
+    blob &= classes == 0
+    assert 0 < blob.sum() < DISC_PIECE_FRACTION * (expected == 201).sum()
+    classes[blob] = DISC
+    image = sitk.GetImageFromArray(classes)
+    image.CopyInformation(mask)
+    result = separate_instances(image, VERTEBRA, DISC, CANAL, 0)
+    found = _pir_levels(result)
+    assert not found[block].any() and not found[blob].any()
+    for label in np.unique(expected[expected > 0]):
+        assert dice(found == label, expected == label) >= 0.95, label
+    assert level_note(result) == ""
+
+
 def test_a_body_below_the_lowest_disc_is_l5_when_its_disc_was_missed():
     """No L5/S1 disc: the full-height body below the lowest disc is L5, with a note."""
     _, mask = synth_patient(np.random.default_rng(0), small=True)
@@ -1240,6 +1273,8 @@ def test_number_levels_from_heights():
     numbers, disc_numbers, notes = number_levels(vertebrae, discs, {11: 12.0, 12: 20.0, 13: -9.0})
     assert numbers == {1: 1, 2: 2, 3: 3} and notes == []
     assert disc_numbers == {7: 1, 8: 2, 9: 3, 11: 1, 12: 2, 13: 1}
+    # ... and a piece nearer to a disc below L5/S1 (in the sacrum) gets no number
+    assert number_levels(vertebrae, discs, {14: -22.0})[1] == {7: 1, 8: 2, 9: 3}
     # a level whose disc is only a small piece is not reported as missing
     assert number_levels(vertebrae, {7: 0.0, 8: 30.0})[2] == [
         "not found between L4 and L3: L3/L4 disc"
