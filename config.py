@@ -84,6 +84,7 @@ class PreprocessingConfig:
     crop_margin_mm: float = 10.0
     closing_radius_mm: float = 5.0
     image_interpolation: str = "linear"
+    mask_interpolation: str = "nearest"  # or linear: per class (sitkLabelLinear), nnU-Net's way
     workers: int = 0
 
 
@@ -130,6 +131,7 @@ class TrainingConfig:
     aug_noise: float = 0.05
     aug_flip_lr: bool = True
     aug_spatial_probability: float = 1.0  # per volume, of the rotation and of the scaling
+    aug_mask_interpolation: str = "nearest"  # or linear: per class, as nnU-Net's augmentation
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -204,8 +206,10 @@ CHOICES = {
     ("preprocessing", "mode"): ("grid", "spacing"),
     ("preprocessing", "normalisation"): ("zscore", "minmax"),
     ("preprocessing", "image_interpolation"): ("linear", "bspline"),
+    ("preprocessing", "mask_interpolation"): ("nearest", "linear"),
     ("model", "norm"): ("instance", "batch", "group"),
     ("training", "scheduler"): ("cosine", "none"),
+    ("training", "aug_mask_interpolation"): ("nearest", "linear"),
     ("training", "device"): ("auto", "cpu", "cuda", "mps"),
     ("training", "precision"): ("auto", "bf16", "fp32"),
     ("testing", "checkpoint"): ("best", "last"),

@@ -54,7 +54,6 @@ def make_plan(
         "mode": "grid",
         "orientation": CANONICAL,
         "body_mask_resolution_mm": BODY_MASK_RESOLUTION_MM,
-        "mask_interpolation": "nearest",
     }
     unused = ("target_spacing",) if settings.mode == "grid" else ("grid",)
     for key, value in settings.__dict__.items():

@@ -71,8 +71,11 @@ def augment_batch(
     (1 +- aug_scale), optional left-right flip of the slice axis; never a superior-inferior
     flip. Each volume is rotated, and scaled, each with probability aug_spatial_probability
     (1: always; nnU-Net draws each with 0.2); one neither rotated nor scaled is sampled at its
-    own voxel centres (unchanged, or mirrored). Images bilinear, masks nearest; with no
-    rotation and no scaling configured, flips alone, exact and without resampling.
+    own voxel centres (unchanged, or mirrored). Images bilinear; masks nearest, or with
+    aug_mask_interpolation = linear each class's indicator bilinear and the largest taken
+    (nnU-Net's augmentation: a class boundary then moves with the image's, where nearest
+    shifts it by up to half a voxel). With no rotation and no scaling configured, flips
+    alone, exact and without resampling.
     Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma)) on a per-volume
     0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
     Random draws are made on the batch's device (no host round trip) with torch's global
@@ -125,6 +128,12 @@ def _affine(
     images = F.grid_sample(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
+    if settings.aug_mask_interpolation == "linear":  # outside the volume: all 0 -> class 0
+        one_hot = torch.stack([masks == c for c in range(int(masks.max()) + 1)], 1).float()
+        weights = F.grid_sample(
+            one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        return images, weights.max(1).indices.to(masks.dtype)  # (max: ~8x argmax's speed)
     masks = F.grid_sample(
         masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
     )[:, 0].to(masks.dtype)

@@ -348,6 +348,27 @@ def test_log_mapping_compares_geometric_means_between_grid_voxels(tmp_path):
         load_config(cfg, ["testing.map_probabilities=false"])
 
 
+def test_linear_mask_interpolation_takes_each_grid_voxels_majority_class():
+    """[preprocessing] mask_interpolation = linear: halving the resolution, each grid voxel
+    covers a 2 x 2 x 2 block of scan voxels and takes the class most of them hold; nearest
+    takes one voxel's class, so a block whose odd voxel is the one it picks changes class."""
+    rng = np.random.default_rng(0)
+    classes = np.ones((8, 12, 10), np.uint8)  # (z, y, x): 4 x 6 x 5 blocks of 2 x 2 x 2
+    for block in np.ndindex(4, 6, 5):  # one voxel of class 2 in each block, anywhere in it
+        classes[tuple(2 * np.array(block) + rng.integers(0, 2, 3))] = 2
+    labels = sitk.GetImageFromArray(classes)
+    labels.SetSpacing((0.5, 0.5, 0.5))
+    image = sitk.GetImageFromArray(rng.random(classes.shape).astype(np.float32))
+    image.CopyInformation(labels)
+    settings = PreprocessingConfig(mode="spacing", target_spacing="1, 1, 1", crop=False)
+    linear = to_grid(image, labels, replace(settings, mask_interpolation="linear")).mask
+    nearest = to_grid(image, labels, settings).mask
+    assert linear.GetSize() == nearest.GetSize() == (5, 6, 4)
+    assert linear.GetOrigin() == nearest.GetOrigin() and linear.GetSpacing() == (1.0, 1.0, 1.0)
+    assert (sitk.GetArrayFromImage(linear) == 1).all()
+    assert (sitk.GetArrayFromImage(nearest) == 2).any()
+
+
 def test_shifted_grid_lies_half_a_voxel_over_and_two_grids_meet_on_the_scan(tmp_path):
     """tta_shift's geometry: the shifted grid keeps size and spacing and moves half a grid
     voxel along the region's own A-P and S-I axes (a non-identity direction here). Two grids'
@@ -840,8 +861,14 @@ def test_augmentation_keeps_image_and_mask_aligned():
     agreement = (threshold(moved_images) == moved_masks)[inside].float().mean().item()
     unmoved = (masks == moved_masks)[inside].float().mean().item()
     assert agreement > 0.9 > unmoved  # aligned after the move, not before it
-    _, full = augment_batch(images, masks, TrainingConfig(aug_rotation_deg=30, aug_scale=0.2))
-    assert full.dtype == masks.dtype and set(full.unique().tolist()) <= {0, 1, 2}
+    torch.manual_seed(5)  # per class (nnU-Net's): the class boundaries move as the image's do
+    linear = replace(spatial, aug_mask_interpolation="linear")
+    moved_images, moved_masks = augment_batch(images, masks, linear)
+    closer = (threshold(moved_images) == moved_masks)[inside].float().mean().item()
+    assert closer > agreement
+    for settings in (TrainingConfig(aug_rotation_deg=30, aug_scale=0.2), linear):
+        _, full = augment_batch(images, masks, settings)
+        assert full.dtype == masks.dtype and set(full.unique().tolist()) <= {0, 1, 2}
 
 
 def test_flip_only_augmentation_is_exact_and_moves_image_and_mask_together():
@@ -882,6 +909,9 @@ def test_spatial_probability_leaves_undrawn_volumes_unresampled(tmp_path):
         assert torch.allclose(moved_images[i], expected, atol=1e-4)
         assert torch.equal(moved_masks[i], masks[i].flip(0) if mirrored[i] else masks[i])
     assert 0 < sum(mirrored) < 8
+    unmoved = replace(spatial, aug_spatial_probability=0, aug_mask_interpolation="linear")
+    for moved, mask in zip(augment_batch(images, masks, unmoved)[1], masks, strict=True):
+        assert torch.equal(moved, mask) or torch.equal(moved, mask.flip(0))  # exact per class
     torch.manual_seed(3)
     always = augment_batch(images, masks, replace(spatial, aug_spatial_probability=1.0))
     torch.manual_seed(3)

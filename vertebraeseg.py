@@ -33,6 +33,11 @@ PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
 BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
 NO_SHIFT = (0.0, 0.0, 0.0)  # grid_geometry's phase: the grid's edges on the region's
 HALF_IN_PLANE = (0.5, 0.5, 0.0)  # half a grid voxel along A-P and S-I (PIR x, y): tta_shift
+# [preprocessing] mask_interpolation: the class-index mask onto the grid. nearest takes one
+# scan voxel's class per grid voxel (up to half a scan voxel off its centre when the grid is
+# coarser);
+# linear takes the class whose indicator, linearly interpolated, is largest at the centre.
+MASK_INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLabelLinear}
 LOG_FLOOR = 1e-6  # grid_to_scan(log=True): probabilities below this count as this
 
 
@@ -394,7 +399,9 @@ def to_grid(
     grid_mask = None
     if labels is not None:
         mask_region = sitk.RegionOfInterest(labels, size, index)
-        grid_mask = resample_to_grid(mask_region, grid, sitk.sitkNearestNeighbor)
+        grid_mask = resample_to_grid(
+            mask_region, grid, MASK_INTERPOLATORS[settings.mask_interpolation]
+        )
     return GridCase(grid_image, grid_mask, tuple(index), tuple(size), widened, shifted_image)
 
 
