@@ -67,10 +67,16 @@ def peer_network(classes: int, model=None):
 def peer_case(scan: sitk.Image, labels: sitk.Image | None, preprocessing, spacing: str):
     """The peer's view of a scan (and its class-index labels, or None): the whole field of
     view, PIR, z-scored, at `spacing` (mm: S-I, A-P, slices; vertebraeseg.to_grid with the
-    crop off)."""
+    crop off), labels nearest neighbour (a MONAI script's Spacingd, whatever FILE says)."""
     from vertebraeseg import CANONICAL, to_grid
 
-    settings = replace(preprocessing, mode="spacing", target_spacing=spacing, crop=False)
+    settings = replace(
+        preprocessing,
+        mode="spacing",
+        target_spacing=spacing,
+        crop=False,
+        mask_interpolation="nearest",
+    )
     oriented = None if labels is None else sitk.DICOMOrient(labels, CANONICAL)
     return to_grid(sitk.DICOMOrient(scan, CANONICAL), oriented, settings)
 
