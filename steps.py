@@ -79,7 +79,8 @@ def augment_batch(
     Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma)) on a per-volume
     0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
     Random draws are made on the batch's device (no host round trip) with torch's global
-    generators, whose states the checkpoints save.
+    generators, whose states the checkpoints save; linear masks read their largest class
+    index back once per batch.
     """
     if settings.aug_rotation_deg or settings.aug_scale:
         images, masks = _affine(images, masks, settings)
