@@ -62,7 +62,10 @@ def timer(clock: Stopwatch | None):
 
 
 def augment_batch(
-    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    settings: TrainingConfig,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random spatial + intensity augmentation of a batch (B, 1, D, H, W) images and (B, D, H, W)
     masks, on its device.
@@ -79,11 +82,11 @@ def augment_batch(
     Intensity: scale and shift (+-aug_intensity), gamma (exp(+-aug_gamma)) on a per-volume
     0..1 rescale, gaussian noise (std up to aug_noise); each skipped at 0.
     Random draws are made on the batch's device (no host round trip) with torch's global
-    generators, whose states the checkpoints save; linear masks read their largest class
-    index back once per batch.
+    generators, whose states the checkpoints save. num_classes (linear masks only): the number
+    of classes; None reads the batch's largest class index back from its device.
     """
     if settings.aug_rotation_deg or settings.aug_scale:
-        images, masks = _affine(images, masks, settings)
+        images, masks = _affine(images, masks, settings, num_classes)
     elif settings.aug_flip_lr:
         flip = torch.rand(images.shape[0], device=images.device) < 0.5
         images = torch.where(flip[:, None, None, None, None], images.flip(2), images)
@@ -97,7 +100,10 @@ def _uniform(*shape: int, scale: float, device: torch.device) -> torch.Tensor:
 
 
 def _affine(
-    images: torch.Tensor, masks: torch.Tensor, settings: TrainingConfig
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    settings: TrainingConfig,
+    num_classes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """augment_batch's rotation, scaling and flip, one resampling."""
     batch, device = images.shape[0], images.device
@@ -130,7 +136,8 @@ def _affine(
         images, grid, mode="bilinear", padding_mode="border", align_corners=False
     )
     if settings.aug_mask_interpolation == "linear":  # outside the volume: all 0 -> class 0
-        one_hot = torch.stack([masks == c for c in range(int(masks.max()) + 1)], 1).float()
+        classes = int(masks.max()) + 1 if num_classes is None else num_classes
+        one_hot = torch.stack([masks == c for c in range(classes)], 1).float()
         weights = F.grid_sample(
             one_hot, grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )
@@ -249,7 +256,7 @@ def run_epoch(
                 masks = batch[1].to(device, non_blocking=True).long()
             with part("augmentation"):
                 if augmentation is not None:
-                    images, masks = augment_batch(images, masks, augmentation)
+                    images, masks = augment_batch(images, masks, augmentation, loss_fn.num_classes)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last_3d)
             with part("forward"):

@@ -866,6 +866,8 @@ def test_augmentation_keeps_image_and_mask_aligned():
     moved_images, moved_masks = augment_batch(images, masks, linear)
     closer = (threshold(moved_images) == moved_masks)[inside].float().mean().item()
     assert closer > agreement
+    torch.manual_seed(5)  # the class count given (no read-back from the device): the same
+    assert torch.equal(augment_batch(images, masks, linear, num_classes=3)[1], moved_masks)
     for settings in (TrainingConfig(aug_rotation_deg=30, aug_scale=0.2), linear):
         _, full = augment_batch(images, masks, settings)
         assert full.dtype == masks.dtype and set(full.unique().tolist()) <= {0, 1, 2}
@@ -2447,9 +2449,10 @@ def test_resume_refuses_changed_training_settings(trained_run, capsys):
 
 
 def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
-    """Spacing mode: one target spacing (sizes follow), patch training, sliding-window testing
-    with flip TTA on a half-voxel shifted grid and small-component removal; a case smaller
-    than a patch is padded."""
+    """Spacing mode: one target spacing (sizes follow), masks per class onto the grid and in
+    augmentation (as the slab file), patch training, sliding-window testing with flip TTA on
+    a half-voxel shifted grid and small-component removal; a case smaller than a patch is
+    padded."""
     import predict_script
     import preprocess_script
     import trainandtest_script
@@ -2457,8 +2460,17 @@ def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
     cfg = write_config(
         tmp_path,
         tiny_raw,
-        preprocessing={"mode": "spacing", "target_spacing": "2, 2, 5"},
-        training={"epochs": 2, "patch_size": "32, 32, 16", "steps_per_epoch": 2},
+        preprocessing={
+            "mode": "spacing",
+            "target_spacing": "2, 2, 5",
+            "mask_interpolation": "linear",
+        },
+        training={
+            "epochs": 2,
+            "patch_size": "32, 32, 16",
+            "steps_per_epoch": 2,
+            "aug_mask_interpolation": "linear",
+        },
         testing={
             "figures": 0,
             "overlap": 0.5,
@@ -2471,6 +2483,7 @@ def test_spacing_mode_end_to_end_on_synthetic_data(tmp_path, tiny_raw):
     plan = json.loads((tmp_path / "pre" / "plan.json").read_text())
     assert plan["mode"] == "spacing" and "grid" not in plan
     assert plan["spacing_mm"] == [2.0, 2.0, 5.0] and plan["patch_size"] == [32, 32, 16]
+    assert plan["mask_interpolation"] == "linear"
     sizes = {
         sitk.ReadImage(str(path)).GetSize() for path in (tmp_path / "pre" / "images").glob("*.mha")
     }
