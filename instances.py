@@ -644,9 +644,12 @@ def _instances_in_box(
     disc_centres, disc_depths = _shapes(_frame_image(disc_components, spacing))
     disc_volumes = np.bincount(disc_components.ravel())
     typical_disc = float(np.median(disc_volumes[list(disc_centres)])) if disc_centres else 0.0
-    landmark = {i for i in disc_centres if disc_volumes[i] >= DISC_PIECE_FRACTION * typical_disc}
-    landmarks = {i: disc_centres[i] for i in landmark}
-    disc_depth = float(np.median([disc_depths[i] for i in landmark])) if landmark else 0.0
+    landmarks = {  # discs, not small pieces: the column and the levels are set by these
+        i: c
+        for i, c in disc_centres.items()
+        if disc_volumes[i] >= DISC_PIECE_FRACTION * typical_disc
+    }
+    disc_depth = float(np.median([disc_depths[i] for i in landmarks])) if landmarks else 0.0
 
     vertebrae = _components(array == vertebra_class, spacing, min_mm3) > 0
     labels, seed_centres = _vertebra_instances(
@@ -658,8 +661,8 @@ def _instances_in_box(
     }
     vertebra_numbers, disc_numbers, notes = number_levels(
         {i: -c[1] for i, c in alive.items()},
-        {i: -c[1] for i, c in disc_centres.items() if i in landmark},
-        {i: -c[1] for i, c in disc_centres.items() if i not in landmark},
+        {i: -c[1] for i, c in landmarks.items()},
+        {i: -c[1] for i, c in disc_centres.items() if i not in landmarks},
     )
     lowest = _lowest_structure(labels, disc_components, alive, disc_centres)
     if touches_bottom and lowest is not None and lowest[:, -1, :].any():

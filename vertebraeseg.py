@@ -35,8 +35,7 @@ NO_SHIFT = (0.0, 0.0, 0.0)  # grid_geometry's phase: the grid's edges on the reg
 HALF_IN_PLANE = (0.5, 0.5, 0.0)  # half a grid voxel along A-P and S-I (PIR x, y): tta_shift
 # [preprocessing] mask_interpolation: the class-index mask onto the grid. nearest takes one
 # scan voxel's class per grid voxel (up to half a scan voxel off its centre when the grid is
-# coarser);
-# linear takes the class whose indicator, linearly interpolated, is largest at the centre.
+# coarser); linear takes the class whose indicator, linearly interpolated, is largest there.
 MASK_INTERPOLATORS = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLabelLinear}
 LOG_FLOOR = 1e-6  # grid_to_scan(log=True): probabilities below this count as this
 
