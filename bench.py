@@ -75,7 +75,7 @@ from config import (
     load_config,
 )
 from devices import Distributed, configure_threads, fast_settings, pick_device
-from steps import SegmentationLoss, run_epoch
+from steps import SegmentationLoss, make_loss, run_epoch
 from train import NonFiniteLossError, build_model, make_optimizer, network_arguments
 from training_data import ShardSampler, VolumeDataset, make_loader, read_volume
 from unet_model import make_network
@@ -256,7 +256,7 @@ def train_pipeline(
     model = build_model(run.model_args, device, channels_last)
     network = torch.compile(model) if run.compile else model
     optimizer = make_optimizer(model, training)
-    loss_fn = SegmentationLoss(len(CLASS_MEANS), training.ce_weight, training.dice_weight)
+    loss_fn = make_loss(model, len(CLASS_MEANS), training)
     train_set = VolumeDataset.from_arrays(images, masks, device)
     sampler = DistributedSampler(train_set, 1, 0, shuffle=True, seed=training.seed)
     loader = make_loader(train_set, sampler, training.batch_size, 0)

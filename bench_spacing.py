@@ -13,7 +13,7 @@ import torch
 from bench import CLASS_MEANS, synthetic_volumes
 from config import Config, patch_size, target_spacing
 from devices import fast_settings
-from steps import SegmentationLoss, run_epoch
+from steps import make_loss, run_epoch
 from train import build_model, make_optimizer, network_arguments
 
 SPACING_STEPS = 4  # timed training steps of the spacing-mode row, after one warm-up step
@@ -66,7 +66,7 @@ def spacing_mode_speed(config: Config, device: torch.device, work: Path) -> dict
     torch.manual_seed(0)
     model = build_model(model_args, device, channels_last)
     optimizer = make_optimizer(model, training)
-    loss_fn = SegmentationLoss(len(CLASS_MEANS), training.ce_weight, training.dice_weight)
+    loss_fn = make_loss(model, len(CLASS_MEANS), training)
     generator = torch.Generator().manual_seed(0)
 
     def steps(count: int) -> None:

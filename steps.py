@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -180,8 +180,10 @@ class SegmentationLoss(nn.Module):
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
         dice_background: bool = False,
+        centres: Sequence[tuple[float, float, float]] | None = None,
     ):
         super().__init__()
+        self.centres = list(centres) if centres is not None else None
         self.first_dice_class = 0 if dice_background else 1
         self.num_classes = num_classes
         self.ce_weight = ce_weight
@@ -192,14 +194,18 @@ class SegmentationLoss(nn.Module):
     ) -> torch.Tensor:
         """logits (B, C, D, H, W), target (B, D, H, W) int64 -> scalar. A list of logits (deep
         supervision: full resolution first, then coarser) gives nnU-Net's weighted sum: weights
-        1, 1/2, 1/4, ... normalised to 1, each against the target resampled (nearest) to its
-        size."""
+        1, 1/2, 1/4, ... normalised to 1, each against the target taken to its size by
+        resize_labels, at the network's centres when the loss was given them."""
         if isinstance(logits, list):
             weights = [0.5**i for i in range(len(logits))]
             total = sum(weights)
-            loss = logits[0].new_zeros((), dtype=torch.float32)
-            for weight, level in zip(weights, logits, strict=True):
-                loss = loss + weight / total * self(level, resize_labels(target, level.shape[2:]))
+            centres = self.centres or [None] * (len(logits) - 1)
+            if len(centres) != len(logits) - 1:
+                raise ValueError(f"{len(logits) - 1} coarse outputs, {len(centres)} centres")
+            loss = weights[0] / total * self(logits[0], target)
+            for weight, level, centre in zip(weights[1:], logits[1:], centres, strict=True):
+                coarse = resize_labels(target, level.shape[2:], centre)
+                loss = loss + weight / total * self(level, coarse)
             return loss
         logits = logits.float()
         loss = logits.new_zeros(())
@@ -216,13 +222,38 @@ class SegmentationLoss(nn.Module):
         return loss
 
 
-def resize_labels(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Label volumes (B, D, H, W) int64 -> (B, *size) by nearest neighbour (the coarse targets
-    of deep supervision); unchanged when already that size."""
+def make_loss(model: nn.Module, num_classes: int, settings: TrainingConfig) -> SegmentationLoss:
+    """The loss that `settings` ([training] ce_weight, dice_weight, dice_background) ask for,
+    with the model's deep-supervision centres (UNet3D.supervision_centres)."""
+    return SegmentationLoss(
+        num_classes,
+        settings.ce_weight,
+        settings.dice_weight,
+        settings.dice_background,
+        model.supervision_centres,
+    )
+
+
+def resize_labels(
+    target: torch.Tensor,
+    size: Sequence[int],
+    centre: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Label volumes (B, D, H, W) int64 -> (B, *size), each size dividing the target's: the
+    coarse targets of deep supervision. Coarse voxel i along an axis of stride s takes the
+    target voxel nearest s * i + centre (the upper one at a tie), centre in target voxels
+    (D, H, W): where the network centres that output's first voxel
+    (UNet3D.supervision_centres). Without it, the middle of each s-voxel box, (s - 1) / 2:
+    torch's nearest-exact interpolation. Unchanged when already that size."""
     if tuple(target.shape[1:]) == tuple(size):
         return target
-    resized = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest-exact")
-    return resized[:, 0].long()
+    strides = [full // coarse for full, coarse in zip(target.shape[1:], size, strict=True)]
+    if any(s * n != full for s, n, full in zip(strides, size, target.shape[1:], strict=True)):
+        raise ValueError(f"coarse size {tuple(size)} does not divide {tuple(target.shape[1:])}")
+    if centre is None:
+        centre = [(s - 1) / 2 for s in strides]
+    first = [math.floor(c + 0.5) for c in centre]
+    return target[:, first[0] :: strides[0], first[1] :: strides[1], first[2] :: strides[2]]
 
 
 def run_epoch(

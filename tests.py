@@ -61,7 +61,7 @@ from spider_metrics import (
     structure_of,
     summarise_spider,
 )
-from steps import SegmentationLoss, augment_batch, run_epoch
+from steps import SegmentationLoss, augment_batch, resize_labels, run_epoch
 from synthetic_spine import generate_dataset, synth_patient, write_case
 from test_unet import (
     Predictor,
@@ -716,6 +716,50 @@ def test_deep_supervision_loss_weighs_coarser_levels_less():
     assert worse == pytest.approx(
         good + (loss_fn(wrong_half, target[:, ::2, ::2, ::2]) - good) / 3, rel=1e-4
     )
+
+
+def test_coarse_targets_sit_where_the_network_centres_its_coarse_voxels():
+    """Deep supervision's coarse targets: without centres, torch's nearest-exact; with the
+    strided stem's centres, the target voxel under each coarse voxel's receptive field."""
+    target = torch.randint(0, 4, (2, 8, 16, 24))
+    for size in [(4, 8, 12), (2, 4, 6), (8, 4, 6)]:
+        exact = F.interpolate(target[:, None].float(), size=size, mode="nearest-exact")
+        assert torch.equal(resize_labels(target, size), exact[:, 0].long())
+    assert torch.equal(
+        resize_labels(target, (2, 4, 6), (3.0, 0.0, 1.0)), target[:, 3::4, ::4, 1::4]
+    )
+    with pytest.raises(ValueError, match=r"coarse size \(3, 8, 12\) does not divide"):
+        resize_labels(target, (3, 8, 12))
+
+    model = UNet3D(
+        base_channels=2, depth=3, norm="batch", stem_stride=(2, 2, 2), deep_supervision=True
+    )
+    assert model.supervision_centres == [(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)]
+    assert UNet3D(base_channels=2, depth=3, deep_supervision=True).supervision_centres == [
+        (0.5, 0.5, 0.5)
+    ]
+    assert ResidualUNet(base_channels=2, depth=3).supervision_centres == []
+    # Measure the centres: symmetric (constant) kernels, the deeper levels cut off, batch norm
+    # with its unit running statistics (voxels independent); the input gradient of one coarse
+    # voxel then centres on the input voxel its features are centred on.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
+                module.weight.fill_(0.0 if module in model.upsamplers else 0.1)
+    model.eval()
+    model.training = True  # the coarse outputs, with eval-mode batch norm
+    torch.manual_seed(0)
+    # far enough from the edges that no receptive field is cut by the padding
+    for level, (index, stride) in enumerate([((12, 11, 13), 2), ((6, 5, 6), 4)], start=1):
+        weight = torch.zeros(48, 48, 48)
+        for _ in range(8):  # max-pooling picks either child: average over inputs
+            image = (torch.rand(1, 1, 48, 48, 48) + 1).requires_grad_()
+            model(image)[level][0, :, index[0], index[1], index[2]].sum().backward()
+            weight += image.grad[0, 0].abs()
+        for axis, centre in enumerate(model.supervision_centres[level - 1]):
+            profile = weight.sum(dim=tuple(a for a in range(3) if a != axis))
+            measured = (profile * torch.arange(len(profile))).sum() / profile.sum()
+            assert measured == pytest.approx(stride * index[axis] + centre, abs=0.3)
 
 
 def test_seed_architecture_channels():

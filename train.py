@@ -24,7 +24,7 @@ from tqdm import tqdm
 from atomic import atomic_path
 from config import ModelConfig, TrainingConfig
 from devices import Distributed, fast_settings, pick_device
-from steps import SegmentationLoss, Stopwatch, run_epoch, timer
+from steps import Stopwatch, make_loss, run_epoch, timer
 from store_plot_metrics import plot_curves, write_csv
 from training_data import make_data
 from unet_model import make_network
@@ -329,9 +329,7 @@ def fit(
         network = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if settings.compile:
         network = torch.compile(network)
-    loss_fn = SegmentationLoss(
-        len(class_names), settings.ce_weight, settings.dice_weight, settings.dice_background
-    )
+    loss_fn = make_loss(model, len(class_names), settings)
     show = progress and dist_info.is_main
     part = timer(clock)
     epochs = range(start_epoch, settings.epochs + 1)

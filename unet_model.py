@@ -221,6 +221,19 @@ class UNet3D(nn.Module):
         )
         return slices, height, width
 
+    @property
+    def supervision_centres(self) -> list[tuple[float, float, float]]:
+        """For each deep-supervision output (coarsest last), where its first voxel's features
+        are centred, in input voxels along (slices, height, width).
+
+        The first convolution (3x3x3, padded, stride t) centres level 0's voxel i on input voxel
+        t * i; each 2x max-pooling then centres a voxel between its two children. So level l's
+        first voxel lies at t * (2^l - 1) / 2: a whole voxel with the strided stem (t = 2: 0,
+        1, 3), half-way between two without it. steps.resize_labels takes the target there."""
+        stride = (self.arguments["stem_stride"][i] for i in (2, 0, 1))  # tensor order
+        stride = tuple(stride)
+        return [tuple(t * (2**level - 1) / 2 for t in stride) for level in self.supervised]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if any(size % d for size, d in zip(x.shape[2:], self.divisor, strict=True)):
             raise ValueError(
@@ -359,6 +372,11 @@ class ResidualUNet(nn.Module):
                 )
             )
         self.decoders = nn.ModuleList(ups)
+
+    @property
+    def supervision_centres(self) -> list[tuple[float, float, float]]:
+        """Empty: this network has no deep-supervision outputs."""
+        return []
 
     @property
     def divisor(self) -> tuple[int, int, int]:
