@@ -119,6 +119,10 @@ class TrainingConfig:
     ce_weight: float = 1.0
     dice_weight: float = 1.0
     dice_background: bool = False
+    batch_dice: bool = False  # the soft Dice over the whole batch as one volume (nnU-Net's)
+    # deep supervision's coarse targets: torch's nearest-exact (nnU-Net's), or at the voxels
+    # the network centres its coarse features on (UNet3D.supervision_centres)
+    deep_supervision_targets: str = "nearest_exact"
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
@@ -210,6 +214,7 @@ CHOICES = {
     ("model", "norm"): ("instance", "batch", "group"),
     ("training", "scheduler"): ("cosine", "none"),
     ("training", "aug_mask_interpolation"): ("nearest", "linear"),
+    ("training", "deep_supervision_targets"): ("nearest_exact", "centred"),
     ("training", "device"): ("auto", "cpu", "cuda", "mps"),
     ("training", "precision"): ("auto", "bf16", "fp32"),
     ("testing", "checkpoint"): ("best", "last"),

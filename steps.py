@@ -171,7 +171,10 @@ class SegmentationLoss(nn.Module):
     classes, or over every class with dice_background: MONAI's include_background=True).
 
     Soft Dice is computed per volume and averaged, so a batch split over ranks gives the same
-    loss as the whole batch in one process.
+    loss as the whole batch in one process. With batch_dice it is computed over the whole
+    batch as one volume (nnU-Net's batch Dice): a structure that a patch barely holds then
+    weighs by its voxels, not as much as a whole one. Under torchrun each rank pools its own
+    batch.
     """
 
     def __init__(
@@ -181,8 +184,10 @@ class SegmentationLoss(nn.Module):
         dice_weight: float = 1.0,
         dice_background: bool = False,
         centres: Sequence[tuple[float, float, float]] | None = None,
+        batch_dice: bool = False,
     ):
         super().__init__()
+        self.batch_dice = batch_dice
         self.centres = list(centres) if centres is not None else None
         self.first_dice_class = 0 if dice_background else 1
         self.num_classes = num_classes
@@ -214,23 +219,27 @@ class SegmentationLoss(nn.Module):
         if self.dice_weight:
             probabilities = logits.softmax(dim=1)
             one_hot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probabilities.dtype)
-            dims = (2, 3, 4)
+            dims = (0, 2, 3, 4) if self.batch_dice else (2, 3, 4)
             overlap = (probabilities * one_hot).sum(dims)
             total = probabilities.sum(dims) + one_hot.sum(dims)
             dice = (2 * overlap + 1.0) / (total + 1.0)
-            loss = loss + self.dice_weight * (1 - dice[:, self.first_dice_class :].mean())
+            foreground = dice[..., self.first_dice_class :]  # (B, C) or, pooled, (C,)
+            loss = loss + self.dice_weight * (1 - foreground.mean())
         return loss
 
 
 def make_loss(model: nn.Module, num_classes: int, settings: TrainingConfig) -> SegmentationLoss:
-    """The loss that `settings` ([training] ce_weight, dice_weight, dice_background) ask for,
-    with the model's deep-supervision centres (UNet3D.supervision_centres)."""
+    """The loss that `settings` ([training] ce_weight, dice_weight, dice_background,
+    batch_dice, deep_supervision_targets) ask for; centred coarse targets take the model's
+    UNet3D.supervision_centres."""
+    centred = settings.deep_supervision_targets == "centred"
     return SegmentationLoss(
         num_classes,
         settings.ce_weight,
         settings.dice_weight,
         settings.dice_background,
-        model.supervision_centres,
+        model.supervision_centres if centred else None,
+        settings.batch_dice,
     )
 
 

@@ -61,7 +61,7 @@ from spider_metrics import (
     structure_of,
     summarise_spider,
 )
-from steps import SegmentationLoss, augment_batch, resize_labels, run_epoch
+from steps import SegmentationLoss, augment_batch, make_loss, resize_labels, run_epoch
 from synthetic_spine import generate_dataset, synth_patient, write_case
 from test_unet import (
     Predictor,
@@ -739,6 +739,9 @@ def test_coarse_targets_sit_where_the_network_centres_its_coarse_voxels():
         (0.5, 0.5, 0.5)
     ]
     assert ResidualUNet(base_channels=2, depth=3).supervision_centres == []
+    assert make_loss(model, 4, TrainingConfig()).centres is None  # nearest_exact, the default
+    centred = replace(TrainingConfig(), deep_supervision_targets="centred")
+    assert make_loss(model, 4, centred).centres == model.supervision_centres
     # Measure the centres: symmetric (constant) kernels, the deeper levels cut off, batch norm
     # with its unit running statistics (voxels independent); the input gradient of one coarse
     # voxel then centres on the input voxel its features are centred on.
@@ -881,6 +884,14 @@ def test_segmentation_loss_against_a_hand_computed_value():
     assert SegmentationLoss(2, 0.0, 1.0, dice_background=True)(logits, target).item() == (
         pytest.approx(1 - (soft_dice + background_dice) / 2)
     )
+    # a second volume without class 1, both voxels 50:50: alone its Dice is (0 + 1) / (1 + 1);
+    # batch Dice pools the two volumes' sums (overlap 0.5, predicted 0.75 + 1, reference 1)
+    logits = torch.cat([logits, torch.zeros_like(logits)])
+    target = torch.cat([target, torch.zeros_like(target)])
+    per_volume = SegmentationLoss(2, 0.0, 1.0)(logits, target).item()
+    assert per_volume == pytest.approx(1 - (soft_dice + 0.5) / 2)
+    pooled = SegmentationLoss(2, 0.0, 1.0, batch_dice=True)(logits, target).item()
+    assert pooled == pytest.approx(1 - (2 * 0.5 + 1) / (1.75 + 1 + 1))
 
 
 def test_augmentation_keeps_image_and_mask_aligned():
