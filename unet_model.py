@@ -229,9 +229,9 @@ class UNet3D(nn.Module):
         The first convolution (3x3x3, padded, stride t) centres level 0's voxel i on input voxel
         t * i; each 2x max-pooling then centres a voxel between its two children. So level l's
         first voxel lies at t * (2^l - 1) / 2: a whole voxel with the strided stem (t = 2: 0,
-        1, 3), half-way between two without it. steps.resize_labels takes the target there."""
-        stride = (self.arguments["stem_stride"][i] for i in (2, 0, 1))  # tensor order
-        stride = tuple(stride)
+        1, 3), half-way between two without it. With [training] deep_supervision_targets =
+        centred, steps.resize_labels takes the coarse targets there."""
+        stride = [self.arguments["stem_stride"][i] for i in (2, 0, 1)]  # tensor order
         return [tuple(t * (2**level - 1) / 2 for t in stride) for level in self.supervised]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
