@@ -29,7 +29,7 @@ IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
 NAME_PATTERN = re.compile(r"(?P<patient>[A-Za-z0-9-]+)_(?P<sequence>[A-Za-z0-9_]+)")
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x spacing)
 MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
-PREPROCESSING_VERSION = 1  # bump when the output of preprocess_case changes
+PREPROCESSING_VERSION = 2  # bump when the output of preprocess_case changes
 BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
 NO_SHIFT = (0.0, 0.0, 0.0)  # grid_geometry's phase: the grid's edges on the region's
 HALF_IN_PLANE = (0.5, 0.5, 0.0)  # half a grid voxel along A-P and S-I (PIR x, y): tta_shift
@@ -219,7 +219,9 @@ def normalise(
 
 
 def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (sitk's filter works on images, this on a voxel set)."""
+    """Otsu's threshold of a 1-D sample (sitk's filter works on images, this on a voxel set):
+    the upper edge of the last bin of the lower class, so that `values > threshold` is exactly
+    the upper class the histogram split chose (a bin's centre would cut its bin in two)."""
     hist, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
     weight0 = np.cumsum(hist)
@@ -228,7 +230,7 @@ def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     mean0 = cum_mean / np.maximum(weight0, 1)
     mean1 = (cum_mean[-1] - cum_mean) / np.maximum(weight1, 1)
     between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return float(centres[int(np.argmax(between))])
+    return float(edges[int(np.argmax(between)) + 1])
 
 
 def body_mask(

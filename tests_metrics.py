@@ -1,0 +1,140 @@
+"""Metric values derived independently of the project's code: by hand, or from scipy and
+scikit-learn (`python -m pytest` collects this file with tests.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+from sklearn.metrics import accuracy_score, f1_score
+
+from metrics import confusion_matrix, scores_from_confusion
+from spider_metrics import spider_instances
+from test_unet import case_metrics, overlap_and_distances
+
+SPACING = (0.5, 1.0, 2.0)  # x, y, z in mm: every axis different, so a swapped axis shows
+FACES = ndimage.generate_binary_structure(3, 1)
+
+
+def _image(array: np.ndarray, spacing=SPACING) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    return image
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels: the mask minus its face-connected erosion (outside = background)."""
+    return mask & ~ndimage.binary_erosion(mask, FACES, border_value=0)
+
+
+def _directed(from_mask: np.ndarray, to_mask: np.ndarray) -> np.ndarray:
+    """Distances (mm, voxel centre to voxel centre) from each surface voxel of `from_mask` to
+    the nearest surface voxel of `to_mask`, by scipy's exact Euclidean distance transform."""
+    distance = ndimage.distance_transform_edt(~_surface(to_mask), sampling=SPACING[::-1])
+    return distance[_surface(from_mask)]
+
+
+def _box_with_far_blob(side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: a box (1256 surface voxels). Prediction: the same box and a far cube blob
+    of `side` voxels (side 5: 98 surface voxels, 7 % of the prediction's surface: above 5 %
+    of one direction, below 5 % of both directions pooled)."""
+    reference = np.zeros((24, 40, 60), bool)
+    reference[4:12, 5:25, 5:25] = True
+    prediction = reference.copy()
+    prediction[14 : 14 + side, 28 : 28 + side, 45 : 45 + side] = True
+    return prediction, reference
+
+
+def test_hd95_is_the_larger_of_the_two_directed_95th_percentiles():
+    prediction, reference = _box_with_far_blob(5)
+    to_reference = _directed(prediction, reference)
+    to_prediction = _directed(reference, prediction)
+    assert to_prediction.max() == 0  # every reference surface voxel is a prediction one
+    blob_share = (to_reference > 0).mean()
+    assert 0.05 < blob_share < 0.10  # the case separates the definitions
+    expected = max(np.percentile(to_reference, 95), np.percentile(to_prediction, 95))
+    pooled = np.percentile(np.concatenate([to_reference, to_prediction]), 95)
+    assert expected > 10 and pooled == 0  # a pooled HD95 would say the masks agree
+    scores = overlap_and_distances(_image(prediction), _image(reference))
+    assert scores["hd95_mm"] == pytest.approx(expected, rel=1e-6)
+    # symmetric: the metric does not depend on which mask is called the prediction
+    swapped = overlap_and_distances(_image(reference), _image(prediction))
+    assert swapped["hd95_mm"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_assd_is_the_mean_over_both_directions_together():
+    prediction, reference = _box_with_far_blob(7)
+    to_reference = _directed(prediction, reference)
+    to_prediction = _directed(reference, prediction)
+    expected = np.concatenate([to_reference, to_prediction]).mean()
+    # the mean of the two directed means differs: their surfaces differ in size
+    assert abs(expected - (to_reference.mean() + to_prediction.mean()) / 2) > 0.05
+    scores = overlap_and_distances(_image(prediction), _image(reference))
+    assert scores["assd_mm"] == pytest.approx(expected, rel=1e-6)
+    both = np.logical_and(prediction, reference).sum()
+    assert scores["dice"] == pytest.approx(2 * both / (prediction.sum() + reference.sum()))
+
+
+def test_case_metrics_score_each_class_on_its_own():
+    rng = np.random.default_rng(3)
+    reference = np.zeros((12, 20, 20), np.uint8)
+    reference[2:10, 3:17, 3:9] = 1
+    reference[2:10, 3:17, 11:17] = 2
+    reference[5:7, 8:12, 9:11] = 3
+    prediction = reference.copy()
+    flip = rng.random(reference.shape) < 0.1
+    prediction[flip] = rng.integers(0, 4, int(flip.sum()))
+    rows = case_metrics(_image(prediction), _image(reference), ("bg", "a", "b", "c"))
+    assert [row["class"] for row in rows] == ["a", "b", "c"]
+    for index, row in enumerate(rows, 1):
+        p, r = prediction == index, reference == index
+        assert row["dice"] == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()))
+        assert row["reference_voxels"] == r.sum() and row["predicted_voxels"] == p.sum()
+        expected = max(np.percentile(_directed(p, r), 95), np.percentile(_directed(r, p), 95))
+        assert row["hd95_mm"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_scores_match_scikit_learn():
+    """Accuracy, macro F1 and per-class Dice from the confusion matrix, against scikit-learn's
+    definitions on the same labels (Dice of a class = its F1)."""
+    rng = np.random.default_rng(0)
+    target = rng.choice(4, size=(3, 5, 7, 9), p=[0.7, 0.15, 0.1, 0.05])
+    pred = np.where(rng.random(target.shape) < 0.3, rng.integers(0, 4, target.shape), target)
+    pred[pred == 3] = 2  # class 3 never predicted: its Dice is 0, not NaN
+    counts = confusion_matrix(torch_tensor(pred), torch_tensor(target), 5).numpy()
+    assert counts.sum() == target.size and counts[4].sum() == 0 and counts[:, 4].sum() == 0
+    assert counts[1, 2] == np.sum((target == 1) & (pred == 2))  # rows true, columns predicted
+    scores = scores_from_confusion(counts)
+    flat_true, flat_pred = target.ravel(), pred.ravel()
+    per_class = f1_score(flat_true, flat_pred, labels=[0, 1, 2, 3], average=None, zero_division=0)
+    np.testing.assert_allclose(scores["dice"][:4], per_class, rtol=1e-12)
+    assert np.isnan(scores["dice"][4])  # absent from both
+    assert scores["accuracy"] == pytest.approx(accuracy_score(flat_true, flat_pred))
+    assert scores["f1_macro"] == pytest.approx(f1_score(flat_true, flat_pred, average="macro"))
+
+
+def torch_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def test_spider_asd_and_dice_per_instance_against_scipy():
+    """SPIDER's rules: each reference label against the prediction label overlapping it most;
+    borders by a full-connectivity erosion; ASD the mean of both directions' distances pooled."""
+    full = ndimage.generate_binary_structure(3, 3)
+    reference = np.zeros((20, 30, 30), np.uint16)
+    reference[3:9, 4:20, 4:20] = 1  # L5
+    reference[11:17, 4:20, 4:20] = 201  # the L5/S1 disc
+    prediction = np.zeros_like(reference)
+    prediction[4:10, 4:20, 5:21] = 7  # L5 under another label, shifted
+    prediction[11:16, 4:20, 4:20] = 201
+    table = spider_instances(_image(reference), _image(prediction)).set_index("label")
+    for label, predicted_label in ((1, 7), (201, 201)):
+        r, p = reference == label, prediction == predicted_label
+        assert table.loc[label, "dice"] == pytest.approx(2 * (r & p).sum() / (r.sum() + p.sum()))
+        borders = [m & ~ndimage.binary_erosion(m, full, border_value=0) for m in (r, p)]
+        maps = [ndimage.distance_transform_edt(~b, sampling=SPACING[::-1]) for b in borders]
+        pooled = np.concatenate([maps[1][borders[0]], maps[0][borders[1]]])
+        assert table.loc[label, "asd_mm"] == pytest.approx(pooled.mean(), rel=1e-6)

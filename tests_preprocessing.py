@@ -1,0 +1,132 @@
+"""Preprocessing values derived from the inputs' own statistics and geometry: normalisation
+by numpy on the known body voxels, the grid's physical placement from the scan's corners."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from config import PreprocessingConfig
+from synthetic_spine import PIR_DIRECTION
+from vertebraeseg import grid_to_scan, labels_to_scan, normalise, to_grid
+
+CLIP = (0.5, 99.5)
+PADDING = -1000.0
+
+
+def _scan_with_a_body(seed: int = 0) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """(image, body voxels, padding voxels): air 5-15, a body ~N(800, 60) with a few
+    saturated voxels, and a padded border of -1000, as LPS SPIDER series have."""
+    rng = np.random.default_rng(seed)
+    array = rng.uniform(5, 15, (12, 40, 30)).astype(np.float32)
+    body = np.zeros(array.shape, bool)
+    body[2:10, 8:32, 6:24] = True
+    array[body] = np.maximum(rng.normal(800, 60, int(body.sum())), 500)  # far from the air
+    array[5, 20, 10:14] = 3096.0  # saturation: clipped away
+    padding = np.zeros(array.shape, bool)
+    padding[:, :3, :] = True
+    array[padding] = PADDING
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.8, 3.5))
+    return image, body, padding
+
+
+def test_zscore_gives_the_body_zero_mean_and_unit_standard_deviation():
+    image, body, padding = _scan_with_a_body()
+    raw = sitk.GetArrayFromImage(image)
+    low, high = np.percentile(raw[~padding], CLIP)  # padding is in no statistic
+    clipped = np.clip(raw, low, high)
+    mean, std = clipped[body].mean(), clipped[body].std()
+    out = sitk.GetArrayFromImage(normalise(image, "zscore", CLIP, PADDING))
+    assert out[body].mean() == pytest.approx(0.0, abs=1e-3)
+    assert out[body].std() == pytest.approx(1.0, rel=1e-3)
+    np.testing.assert_allclose(out[~padding], (clipped[~padding] - mean) / std, atol=1e-3)
+    np.testing.assert_allclose(out[padding], (low - mean) / std, atol=1e-3)
+    assert out.max() == pytest.approx((high - mean) / std, abs=1e-3)  # 3096 clipped at high
+
+
+def test_minmax_maps_the_clip_range_to_zero_one():
+    image, _, padding = _scan_with_a_body(1)
+    raw = sitk.GetArrayFromImage(image)
+    low, high = np.percentile(raw[~padding], CLIP)
+    result = normalise(image, "minmax", CLIP, PADDING)
+    out = sitk.GetArrayFromImage(result)
+    np.testing.assert_allclose(out, (np.clip(raw, low, high) - low) / (high - low), atol=1e-5)
+    assert out[padding].max() == 0.0 and out.max() == pytest.approx(1.0)
+    assert result.GetSpacing() == image.GetSpacing() and result.GetOrigin() == image.GetOrigin()
+
+
+def _pir_scan(size=(40, 60, 10), spacing=(0.7, 0.6, 3.3), origin=(12.0, -30.0, 55.0)):
+    """A PIR scan of noise (any content: the tests here are about geometry)."""
+    noise = np.random.default_rng(0).normal(500, 100, size[::-1]).astype(np.float32)
+    image = sitk.GetImageFromArray(noise)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(PIR_DIRECTION)
+    return image
+
+
+def test_the_grid_covers_the_scan_edge_to_edge():
+    """Uncropped, the grid's first voxel centre lies half a grid voxel inside the scan's first
+    voxel corner, along each axis, and its last voxel half a grid voxel inside the far corner."""
+    scan = _pir_scan()
+    grid = (24, 16, 5)  # (height = y, width = x, slices = z)
+    case = to_grid(scan, None, PreprocessingConfig(grid=grid, crop=False))
+    image = case.image
+    assert image.GetSize() == (16, 24, 5) and image.GetDirection() == scan.GetDirection()
+    ratio = np.array(scan.GetSize()) / np.array(image.GetSize())  # scan voxels per grid voxel
+    assert image.GetSpacing() == pytest.approx(tuple(np.array(scan.GetSpacing()) * ratio))
+    first = scan.TransformContinuousIndexToPhysicalPoint(tuple(-0.5 + ratio / 2))
+    last_index = np.array(scan.GetSize()) - 0.5 - ratio / 2
+    last = scan.TransformContinuousIndexToPhysicalPoint(tuple(last_index))
+    assert image.GetOrigin() == pytest.approx(first, abs=1e-6)
+    far = image.TransformIndexToPhysicalPoint(tuple(int(v) - 1 for v in image.GetSize()))
+    assert far == pytest.approx(last, abs=1e-6)
+
+
+def _ball(scan: sitk.Image, centre_mm: np.ndarray, radius_mm: float) -> np.ndarray:
+    """(z, y, x) bool array of the scan's voxels whose centres lie within the ball."""
+    size = scan.GetSize()
+    points = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1).reshape(
+        -1, 3
+    )
+    origin = np.array(scan.GetOrigin())
+    matrix = np.array(scan.GetDirection()).reshape(3, 3) * np.array(scan.GetSpacing())
+    physical = origin + points @ matrix.T
+    inside = np.linalg.norm(physical - centre_mm, axis=1) <= radius_mm
+    return inside.reshape(size).transpose(2, 1, 0)
+
+
+def _centroid_mm(mask: np.ndarray, scan: sitk.Image) -> np.ndarray:
+    z, y, x = np.nonzero(mask)
+    index = np.stack([x, y, z], axis=1).mean(axis=0)
+    return np.array(scan.TransformContinuousIndexToPhysicalPoint(tuple(index)))
+
+
+@pytest.mark.parametrize("way_back", ["probabilities", "labels"])
+def test_a_ball_goes_to_the_grid_and_back_in_place(way_back):
+    """A ball's class mask to a coarser grid and back (linear one-hot probabilities, or
+    nearest-neighbour labels): it comes back where it was (centroid within a fraction of a
+    grid voxel; a grid placed half a voxel off would move it by half a voxel) and nearly
+    whole; the probabilities way is the closer one."""
+    scan = _pir_scan(size=(60, 80, 12))
+    centre = np.array(scan.TransformContinuousIndexToPhysicalPoint((28.3, 41.7, 6.2)))
+    ball = _ball(scan, centre, 14.0)
+    labels = sitk.GetImageFromArray(ball.astype(np.uint8))
+    labels.CopyInformation(scan)
+    case = to_grid(scan, labels, PreprocessingConfig(grid=(40, 32, 8), crop=False))
+    grid_mask = sitk.GetArrayFromImage(case.mask)
+    if way_back == "probabilities":
+        probabilities = np.stack([grid_mask == 0, grid_mask == 1]).astype(np.float32)
+        back = sitk.GetArrayFromImage(grid_to_scan(probabilities, case.image, scan))
+        floor, fraction = 0.93, 0.1
+    else:
+        back = sitk.GetArrayFromImage(labels_to_scan(case.mask, scan))
+        floor, fraction = 0.88, 0.25
+    dice = 2 * np.logical_and(back == 1, ball).sum() / ((back == 1).sum() + ball.sum())
+    assert dice >= floor
+    shift = np.abs(_centroid_mm(back == 1, scan) - _centroid_mm(ball, scan))  # LPS, mm
+    direction = np.abs(np.array(scan.GetDirection()).reshape(3, 3))
+    grid_voxel = direction @ np.array(case.image.GetSpacing())  # along L-R, A-P, S-I
+    assert (shift < fraction * grid_voxel).all(), (shift, grid_voxel)
