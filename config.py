@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import configparser
 import dataclasses
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+
+from safety import UnsafePathError, check_apart
 
 BACKGROUND = "background"
 
@@ -297,9 +300,12 @@ def _convert(text: str, kind: object, where: str, base: Path) -> object:
         raise ConfigError(f"{where} = {text!r}: expected true or false")
     if kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise ConfigError(f"{where} = {text!r}: expected {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} = {text!r}: expected a finite number")
+        return value
     if kind is str:
         return text
     if origin is tuple:
@@ -490,23 +496,21 @@ def patch_size(text: str, multiple: tuple[int, int, int]) -> tuple[int, int, int
     return values  # type: ignore[return-value]
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def _check_paths(paths: PathsConfig) -> None:
-    """Outputs may never be a raw folder or lie inside one (raw data is never written)."""
-    raw = [("raw_dir", paths.raw_dir)]
+    """Outputs may never be a raw folder or lie inside one (raw data is never written), and
+    no raw folder may lie inside an output folder (a run may replace its own outputs there);
+    compared through symlinks (safety.check_apart)."""
+    raw = [("raw_dir =", paths.raw_dir)]
     if paths.test_raw_dir is not None:
-        raw.append(("test_raw_dir", paths.test_raw_dir))
-    for out_key in ("preprocessed_dir", "output_dir"):
-        out = getattr(paths, out_key)
-        for raw_key, raw_dir in raw:
-            if _inside(out, raw_dir):
-                raise ConfigError(
-                    f"[paths] {out_key} = {out} lies inside {raw_key} = {raw_dir}: "
-                    "outputs must be written outside the raw data"
-                )
+        raw.append(("test_raw_dir =", paths.test_raw_dir))
+    outputs = [
+        ("[paths] preprocessed_dir =", paths.preprocessed_dir),
+        ("[paths] output_dir =", paths.output_dir),
+    ]
+    try:
+        check_apart(outputs, raw, deletable=outputs)
+    except UnsafePathError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_config(path: Path, overrides: typing.Sequence[str] = ()) -> Config:
@@ -523,6 +527,10 @@ def load_config(path: Path, overrides: typing.Sequence[str] = ()) -> Config:
         parser.read(path, encoding="utf-8")
     except configparser.Error as err:
         raise ConfigError(f"{path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"configuration file {path} is not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from None
     for item in overrides:
         match = re.fullmatch(r"\s*([a-z_]+)\.([a-z0-9_]+)\s*=(.*)", item, flags=re.S)
         if not match:

@@ -54,7 +54,10 @@ class Distributed:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> cuda (this rank's GPU), then mps, then cpu; or the named device."""
+    """'auto' -> cuda (this rank's GPU), then mps, then cpu; or the named device (cpu, cuda,
+    mps); ValueError for any other name, RuntimeError for a CUDA device that is not there."""
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r}: choose auto, cpu, cuda or mps")
     if name == "auto":
         if torch.cuda.is_available():
             name = "cuda"

@@ -132,6 +132,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from config import ConfigError, driver_arguments, load_config
+from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
 from store_plot_metrics import write_csv
 from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
 
@@ -899,6 +900,9 @@ def level_note(instances: sitk.Image) -> str:
     return instances.GetMetaData(LEVEL_NOTE_KEY) if instances.HasMetaDataKey(LEVEL_NOTE_KEY) else ""
 
 
+REPORT_SUFFIXES = ("_instances.mha", "_instances.csv", "_qc.json", "_levels.png")  # per scan
+
+
 def write_instances(
     instances: sitk.Image,
     folder: Path,
@@ -914,12 +918,7 @@ def write_instances(
     the CSV's table, the quality flags)."""
     from measure import measure_levels, plot_levels, quality_flags, write_qc
 
-    paths = [
-        folder / f"{name}_instances.mha",
-        folder / f"{name}_instances.csv",
-        folder / f"{name}_qc.json",
-        folder / f"{name}_levels.png",
-    ]
+    paths = [folder / f"{name}{suffix}" for suffix in REPORT_SUFFIXES]
     atomic_write_image(instances, paths[0])
     measurements = measure_levels(instances)
     table = instance_table(instances).merge(measurements, on="label", how="left")
@@ -946,6 +945,16 @@ def main(argv: list[str] | None = None) -> int:
         help="drop pieces smaller than this (default: the configuration's [testing] value)",
     )
     args = parser.parse_args(argv)
+    if args.min_instance_mm3 is not None and not (
+        np.isfinite(args.min_instance_mm3) and args.min_instance_mm3 >= 0
+    ):
+        parser.error(f"--min-instance-mm3 {args.min_instance_mm3}: a volume in mm^3, >= 0")
+    try:
+        stems = output_names(args.masks, output_stem)
+        check_outputs(args.output_dir, stems, REPORT_SUFFIXES)
+    except UnsafePathError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_UNSAFE
     try:
         config = load_config(args.config, args.overrides)
         vertebra, disc, canal = instance_classes(config.labels.class_names)
@@ -971,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        written, _, qc = write_instances(instances, args.output_dir, output_stem(path))
+        written, _, qc = write_instances(instances, args.output_dir, stems[path])
         note = level_note(instances)
         levels = f" (levels: {note})" if note else ""
         print(f"{path} -> {', '.join(map(str, written))}{levels}; qc: {flag_line(qc)}")

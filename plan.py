@@ -38,6 +38,9 @@ from vertebraeseg import (
 )
 
 PLAN_FILE = "plan.json"
+# Present while a preprocessing run is under way (or was killed): the folder may then hold
+# cases of two settings, and training refuses it until a run finishes.
+INCOMPLETE_FILE = "preprocessing_incomplete.json"
 # PreprocessingConfig fields that do not change the data (left out of the plan).
 NOT_IN_PLAN = ("workers",)
 # Keys preprocess_script.py derives from the data: a configuration cannot state them.
@@ -84,15 +87,33 @@ def plan_lookup(plan: dict[str, object]) -> dict[int, int]:
     return {int(raw): int(index) for raw, index in plan["label_map"].items()}
 
 
+def mark_incomplete(plan: dict[str, object], preprocessed_dir: Path) -> None:
+    """Before a preprocessing run writes any case: preprocessed_dir/INCOMPLETE_FILE (the plan
+    being made), which write_plan removes when the run has finished."""
+    atomic_write_text(json.dumps(plan, indent=2) + "\n", Path(preprocessed_dir) / INCOMPLETE_FILE)
+
+
 def write_plan(plan: dict[str, object], preprocessed_dir: Path) -> Path:
-    """preprocessed_dir/plan.json, written atomically."""
+    """preprocessed_dir/plan.json, written atomically; the folder is then complete."""
     path = Path(preprocessed_dir) / PLAN_FILE
     atomic_write_text(json.dumps(plan, indent=2) + "\n", path)
+    (Path(preprocessed_dir) / INCOMPLETE_FILE).unlink(missing_ok=True)
     return path
 
 
+def check_complete(preprocessed_dir: Path) -> None:
+    """ConfigError naming the folder when a preprocessing run into it did not finish."""
+    if (Path(preprocessed_dir) / INCOMPLETE_FILE).is_file():
+        raise ConfigError(
+            f"{preprocessed_dir} is incomplete: a preprocessing run into it was interrupted, "
+            "so it may hold cases of two settings; run preprocess_script.py again to finish it"
+        )
+
+
 def read_plan(preprocessed_dir: Path) -> dict[str, object]:
-    """preprocessed_dir/plan.json; FileNotFoundError that says how to make it."""
+    """preprocessed_dir/plan.json of a complete folder (check_complete); FileNotFoundError
+    that says how to make it."""
+    check_complete(preprocessed_dir)
     path = Path(preprocessed_dir) / PLAN_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -112,6 +133,17 @@ def canonical_settings(plan: dict[str, object]) -> dict[str, object]:
         size = parse_patch_size(plan["patch_size_setting"], (1, 1, 1))
         plan["patch_size_setting"] = "auto" if size is None else ", ".join(map(str, size))
     return plan
+
+
+def plan_differences(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    """'key (old -> new)' for every key whose value differs between two plans, derived keys
+    included (canonical_settings: the spacing and patch settings compared as values)."""
+    old, new = canonical_settings(old), canonical_settings(new)
+    return [
+        f"{key} ({old.get(key)!r} -> {new.get(key)!r})"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key)
+    ]
 
 
 def check_plan(found: dict[str, object], expected: dict[str, object], where: Path) -> None:

@@ -26,6 +26,7 @@ and skipped; the exit status is 0 when every input was segmented, else 1.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +36,9 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from devices import configure_threads, pick_device
-from instances import level_note
+from instances import REPORT_SUFFIXES, level_note
 from measure import flag_line
+from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
 from store_plot_metrics import write_csv
 from test_unet import Predictor, check_same_plans, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
@@ -123,6 +125,10 @@ def checkpoint_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
     return checkpoints, []
 
 
+OUTPUT_SUFFIXES = (".mha",) + REPORT_SUFFIXES  # per scan
+RUN_FILES = ("classes.csv", "summary.csv")  # one per output folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -159,7 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     inputs += args.inputs
     if not inputs:
         parser.error("no INPUT scan given")
+    if args.min_instance_mm3 is not None and not (
+        math.isfinite(args.min_instance_mm3) and args.min_instance_mm3 >= 0
+    ):
+        parser.error(f"--min-instance-mm3 {args.min_instance_mm3}: a volume in mm^3, >= 0")
     configure_threads(0, 1)
+    try:  # every path checked before a model loads
+        names = output_names(inputs, output_name)
+        checkpoint_inputs = [("checkpoint", path) for path in checkpoints]
+        check_outputs(args.output_dir, names, OUTPUT_SUFFIXES, RUN_FILES, checkpoint_inputs)
+        device = pick_device(args.device)
+    except UnsafePathError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_UNSAFE
+    except (ValueError, RuntimeError) as err:
+        print(f"error: --device: {err}", file=sys.stderr)
+        return 1
     try:
         if not checkpoints:
             raise FileNotFoundError(f"no checkpoint in {', '.join(map(str, args.checkpoint))}")
@@ -175,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 testing.min_instance_mm3 if args.min_instance_mm3 is None else args.min_instance_mm3
             ),
         )
-        predictor = Predictor.from_checkpoint(states, pick_device(args.device), testing)
+        predictor = Predictor.from_checkpoint(states, device, testing)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -196,12 +217,12 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"error: {path}: {err}")
             failed += 1
             continue
-        written, table, qc = segmentation.write(args.output_dir, output_name(path), scan)
+        written, table, qc = segmentation.write(args.output_dir, names[path], scan)
         line = f"{path} -> {', '.join(str(p) for p in written)}"
         if qc is not None:
             note = level_note(segmentation.instances)
             line += (f" (levels: {note})" if note else "") + f"; qc: {flag_line(qc)}"
-            summary.append(summary_row(output_name(path), table, qc))
+            summary.append(summary_row(names[path], table, qc))
         tqdm.write(line)
     if summary:
         write_csv(pd.DataFrame(summary), args.output_dir / "summary.csv")

@@ -30,6 +30,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from atomic import remove_stale_temporaries
 from config import (
     Config,
     ConfigError,
@@ -39,23 +40,18 @@ from config import (
     patch_size,
     target_spacing,
 )
-from plan import make_plan, write_plan
+from plan import make_plan, mark_incomplete, write_plan
+from safety import check_writable
 from spacing_mode import auto_patch_size, auto_target_spacing, format_spacing, pir_spacing_and_size
 from synthetic_spine import generate_dataset
 from vertebraeseg import atomic_write_text, discover_cases, preprocess_case, read_overview
 
 EXIT_SKIPPED = 3
+OUTPUT_FOLDERS = ("images", "masks", "records")  # what preprocess_case writes in out_dir
 
 
 def _single_threaded_worker() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete half-written temporaries left by a killed run (they are never read)."""
-    if out_dir.is_dir():
-        for tmp in out_dir.rglob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
 
 
 def preprocess_dataset(
@@ -73,7 +69,9 @@ def preprocess_dataset(
     Up-to-date cases are reused, not recomputed. Raw files are only read.
     """
     cases, problems = discover_cases(raw_dir, sequences, require_masks)
-    remove_stale_temporaries(out_dir)
+    if not cases and not problems:
+        raise ConfigError(f"{raw_dir / 'images'} holds no image: nothing to preprocess")
+    remove_stale_temporaries([out_dir] + [out_dir / sub for sub in OUTPUT_FOLDERS])
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = settings.workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(cases)))
@@ -158,7 +156,7 @@ def resolve_patch_size(config: Config, manifest: pd.DataFrame) -> tuple[int, int
     if explicit is not None:
         return explicit
     sizes = [
-        pir_spacing_and_size(Path(path))[1]
+        pir_spacing_and_size(config.paths.preprocessed_dir / path)[1]
         for path in manifest.loc[manifest["status"] == "ok", "out_image"]
     ]
     if not sizes:
@@ -173,14 +171,17 @@ def run(config: Config, progress: bool | None = None) -> int:
     progress: a tqdm bar (default: only when stderr is a terminal)."""
     if progress is None:
         progress = sys.stderr.isatty()
-    ensure_raw_data(config)
     out_dir = config.paths.preprocessed_dir
+    check_writable(out_dir, "[paths] preprocessed_dir =")  # before any case is processed
+    ensure_raw_data(config)
     settings = config.preprocessing
     plan = make_plan(settings, config.labels, config.training.patch_size)
     if settings.mode == "spacing":
         spacing = resolve_target_spacing(config)
         settings = replace(settings, target_spacing=format_spacing(spacing))
         plan["spacing_mm"] = list(spacing)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mark_incomplete(plan, out_dir)
     manifest = preprocess_dataset(
         config.paths.raw_dir,
         out_dir,
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         return run(config)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError; OSError names its file
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -489,6 +489,8 @@ def read_reference(
     raw_mask = read_scan(mask_path, "mask")
     check_same_geometry(scan, raw_mask)
     raw = sitk.GetArrayFromImage(raw_mask)
+    if not raw.any():
+        raise CaseError(f"mask {Path(mask_path).name} is empty: no labelled voxel to test against")
     reference = sitk.GetImageFromArray(map_labels(raw, lookup))
     reference.CopyInformation(scan)
     raw_reference = sitk.GetImageFromArray(raw.astype(np.uint16))
@@ -568,7 +570,8 @@ def evaluate_checkpoint(
     test_instance_metrics.csv (per case) and test_instance_summary.csv; and the measurements
     per level (measure.py) of prediction and reference (the reference's own instances, or a
     semantic reference through the same instance step): test_measurements.csv.
-    Returns (metrics, summary, instance summary or None).
+    Returns (metrics, summary, instance summary or None); the cases tested are those in
+    metrics (a case skipped has no row).
     """
     predictor = Predictor.from_checkpoint(state, device, testing)
     lookup = plan_lookup(predictor.plan)
@@ -584,10 +587,10 @@ def evaluate_checkpoint(
             scan, reference, raw_reference = read_reference(
                 Path(case.image_path), Path(case.mask_path), lookup
             )
+            segmentation = segment_scan(predictor, scan)
         except CaseError as err:
-            tqdm.write(f"test case {case.case_id} skipped: {err}")
+            tqdm.write(f"test case {case.case_id} skipped ({case.image_path}): {err}")
             continue
-        segmentation = segment_scan(predictor, scan)
         prediction = segmentation.classes
         segmentation.write(run_dir / "predictions", case.case_id, scan)
         if segmentation.instances is not None and level_note(segmentation.instances):

@@ -80,6 +80,7 @@ from test_unet import (
     summarise,
 )
 from train import NonFiniteLossError, fit, load_checkpoint, patient_split
+from trainandtest_script import read_manifest
 from training_data import choose_cache
 from unet_model import Conv3d, ResidualUNet, UNet3D, make_network
 from vertebraeseg import (
@@ -2665,7 +2666,7 @@ def test_killed_preprocessing_resumes_without_redoing_work(tmp_path, tiny_raw):
     reused = int(out.split("cases ok (")[1].split(" up to date")[0])
     assert reused >= done >= 3
     assert "12 cases ok" in out
-    assert not list((tmp_path / "pre").rglob(".*.tmp*"))
+    assert not list((tmp_path / "pre").rglob(".spineseg.*.tmp*"))
     for path in (tmp_path / "pre" / "images").glob("*.mha"):
         assert sitk.ReadImage(str(path)).GetSize() == (16, 32, 8)
 
@@ -2775,8 +2776,7 @@ def test_existing_run_folder_is_never_silently_overwritten(tmp_path, trained_run
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained_run):
     from config import ModelConfig, TrainingConfig
 
-    manifest = pd.read_csv(trained_run / "pre" / "manifest.csv", keep_default_na=False)
-    rows = manifest.iloc[:4].copy()
+    rows = read_manifest(trained_run / "pre").iloc[:4].copy()
     settings = TrainingConfig(epochs=1, batch_size=2, threads=1, augment=False)
     model = ModelConfig(base_channels=4, depth=3)
     names = ("background", "vertebrae", "intervertebral_discs", "spinal_canal")
@@ -3144,7 +3144,7 @@ def test_batches_from_host_memory_are_pinned_for_cuda(tiny_raw, tmp_path):
         cfg = write_config(tmp_path / mode, tiny_raw, preprocessing={"mode": mode})
         assert preprocess_script.main(["--config", str(cfg)]) == 0
         config = load_config(cfg)
-        manifest = pd.read_csv(config.paths.preprocessed_dir / "manifest.csv", dtype=str)
+        manifest = read_manifest(config.paths.preprocessed_dir)
         plan = json.loads((config.paths.preprocessed_dir / "plan.json").read_text())
         rows[mode] = (manifest.iloc[:2], manifest.iloc[2:3], plan, config.training)
     for device, expected in ((torch.device("cuda"), True), (torch.device("cpu"), False)):

@@ -20,6 +20,9 @@ def test_warm_up_rises_to_the_base_rate_then_the_cosine_falls_to_two_percent():
     warm, after = factors[:WARMUP], factors[WARMUP:]
     assert np.all(np.diff(warm) > 0) and warm[0] > 0 and warm[-1] < 1
     assert after[0] == pytest.approx(1.0)  # the first epoch after the warm-up: the base rate
+    # a straight ramp from 0 that reaches the base rate at the end of the warm-up
+    steps = np.diff([0.0, *warm, after[0]])
+    np.testing.assert_allclose(steps, steps[0])
     assert np.all(np.diff(after) < 0)  # falls every epoch
     # half-way through the cosine part the factor is half-way between 1 and the floor 0.02
     assert learning_rate_factor(WARMUP + (EPOCHS - WARMUP) / 2, EPOCHS, WARMUP, "cosine") == (
@@ -27,6 +30,9 @@ def test_warm_up_rises_to_the_base_rate_then_the_cosine_falls_to_two_percent():
     )
     assert 0.02 < after[-1] < 0.05  # the last epoch ends near the floor, above it
     assert learning_rate_factor(EPOCHS, EPOCHS, WARMUP, "cosine") == pytest.approx(0.02)
+    # one epoch after the warm-up: the base rate, and the floor where the schedule would end
+    assert learning_rate_factor(WARMUP, WARMUP + 1, WARMUP, "cosine") == pytest.approx(1.0)
+    assert learning_rate_factor(WARMUP + 1, WARMUP + 1, WARMUP, "cosine") == pytest.approx(0.02)
     flat = [learning_rate_factor(e, EPOCHS, WARMUP, "none") for e in range(WARMUP, EPOCHS)]
     assert flat == [1.0] * (EPOCHS - WARMUP)
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from atomic import atomic_path
 from config import ModelConfig, TrainingConfig
 from devices import Distributed, fast_settings, pick_device
+from plan import plan_differences
 from steps import Stopwatch, make_loss, run_epoch, timer
 from store_plot_metrics import plot_curves, write_csv
 from training_data import make_data
@@ -167,8 +168,14 @@ def save_checkpoint(state: dict, path: Path) -> None:
         torch.save(state, tmp)
 
 
+# What every checkpoint of this project holds (load_checkpoint refuses one without).
+CHECKPOINT_KEYS = ("model_args", "model", "class_names", "config", "epoch")
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    """Load with weights_only=True: tensors and plain containers only, never arbitrary code.
+    ValueError names the file when it is not this project's, lacks a key (CHECKPOINT_KEYS),
+    holds non-finite weights, or its weights do not fit the network its arguments build."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -182,6 +189,27 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a checkpoint of this project")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: it is damaged")
+    bad = [
+        name
+        for name, tensor in state["model"].items()
+        if not torch.is_tensor(tensor)
+        or (tensor.is_floating_point() and not tensor.isfinite().all())
+    ]
+    if bad:
+        raise ValueError(
+            f"checkpoint {path} holds non-finite weights ({', '.join(bad[:3])}): it cannot "
+            "segment anything"
+        )
+    try:
+        make_network(**state["model_args"]).load_state_dict(state["model"])
+    except (TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise ValueError(
+            f"checkpoint {path}: its weights do not fit its network arguments ({first})"
+        ) from None
     return state
 
 
@@ -319,7 +347,7 @@ def fit(
     )
     last_path = run_dir / "checkpoints" / "last.pt"
     history, best_score, start_epoch = resume(
-        last_path, settings, model, optimizer, scheduler, model_args, class_names, dist_info
+        last_path, settings, model, optimizer, scheduler, model_args, class_names, plan, dist_info
     )
     if start_epoch > settings.epochs:
         return run_dir / "checkpoints" / "best.pt"
@@ -437,12 +465,14 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     model_args: dict,
     class_names: tuple[str, ...],
+    plan: dict,
     dist_info: Distributed,
 ) -> tuple[list[dict], float, int]:
     """Restore model, optimizer, schedule and RNG from last.pt when settings.resume and it
     exists. Returns (history, best score, first epoch to run). The checkpoint is loaded to the
     CPU (the saved RNG states must stay CPU ByteTensors); load_state_dict moves the rest, and
-    the optimizer's state takes each parameter's memory layout (match_state_layout)."""
+    the optimizer's state takes each parameter's memory layout (match_state_layout). A last.pt
+    of another network, other classes or another plan (data made otherwise) is refused."""
     if not settings.resume or not last_path.is_file():
         return [], -math.inf, 1
     state = load_checkpoint(last_path)
@@ -451,6 +481,12 @@ def resume(
         raise ValueError(
             f"{last_path}: model {state['model_args']} / classes {state['class_names']} "
             "differ from the configuration: use a new output_dir or training.overwrite"
+        )
+    changed = plan_differences(state.get("plan", {}), plan)
+    if changed:
+        raise ValueError(
+            f"{last_path} was trained on data of another plan ({'; '.join(changed)}): use a "
+            "new output_dir or training.overwrite"
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -10,7 +10,9 @@ test_summary.csv, figures/ and, with [testing] instances, predictions/<case>_ins
 and test_instance_metrics.csv, test_instance_summary.csv (SPIDER's rules and the level agreement;
 references without SPIDER numbering: discs only, as connected components).
 Rerunning the same command resumes an interrupted run.
-Exit status: 0 done, 1 error, 130 interrupted.
+Exit status: 0 done; 1 an error, printed as one line that names the file, key or value (a bad
+configuration or path, an incomplete or missing preprocessed folder, a non-finite loss, a test
+phase in which no case could be tested); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, ConfigError, driver_arguments, load_config
+from config import Config, driver_arguments, load_config
 from devices import Distributed, configure_threads, pick_device
-from plan import check_plan, make_plan, read_plan
+from plan import check_complete, check_plan, make_plan, read_plan
 from spider_metrics import summarise_spider
 from store_plot_metrics import write_csv
 from test_unet import evaluate_checkpoint, summarise
@@ -79,7 +81,11 @@ def changed_settings(previous: dict, record: dict) -> list[str]:
 
 
 def read_manifest(preprocessed_dir: Path) -> pd.DataFrame:
-    """The usable (status ok) rows of preprocessed_dir/manifest.csv."""
+    """The usable (status ok) rows of preprocessed_dir/manifest.csv, out_image and out_mask
+    made absolute (the manifest holds them relative to its folder, so that the folder can be
+    copied or moved). FileNotFoundError names a listed file that is missing; an incomplete
+    folder is refused (plan.check_complete)."""
+    check_complete(preprocessed_dir)
     path = preprocessed_dir / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run preprocess_script.py first")
@@ -87,7 +93,54 @@ def read_manifest(preprocessed_dir: Path) -> pd.DataFrame:
     usable = manifest[manifest["status"] == "ok"].reset_index(drop=True)
     if usable.empty:
         raise ValueError(f"{path} lists no usable case")
+    for column in ("out_image", "out_mask"):
+        files = [preprocessed_dir / name for name in usable[column]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{path} lists {len(missing)} file(s) that do not exist, e.g. {missing[0]}: "
+                "run preprocess_script.py again"
+            )
+        usable[column] = [str(f) for f in files]
     return usable
+
+
+# What a run writes into its folder (and its fold_*/member_* run folders): the only entries
+# overwrite = true deletes. Anything else in the folder is the user's and stays.
+RUN_OUTPUTS = (
+    RUN_RECORD,
+    "checkpoints",
+    "predictions",
+    "figures",
+    "cv",
+    "fold_[0-9]*",
+    "member_[0-9]*",
+    "splits.csv",
+    "folds.csv",
+    "metrics_epochs.csv",
+    "test_*.csv",
+    "cv_*.csv",
+    "loss.png",
+    "accuracy.png",
+    "f1.png",
+    "dice.png",
+)
+
+
+class TestFailedError(RuntimeError):
+    """No test case could be tested: the run trained, but its test phase produced nothing."""
+
+
+def remove_run_outputs(run_dir: Path) -> list[str]:
+    """Delete the entries of run_dir that match RUN_OUTPUTS (folders with what is in them);
+    return the names of the entries left, which are not the project's."""
+    for pattern in RUN_OUTPUTS:
+        for entry in run_dir.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+    return [entry.name for entry in run_dir.iterdir()]
 
 
 def prepare_run_dir(run_dir: Path, record: dict, resume: bool, overwrite: bool) -> None:
@@ -105,7 +158,12 @@ def prepare_run_dir(run_dir: Path, record: dict, resume: bool, overwrite: bool) 
                 "project: choose another output_dir"
             )
         if overwrite:
-            shutil.rmtree(run_dir)
+            kept = remove_run_outputs(run_dir)
+            if kept:
+                print(
+                    f"overwrite: kept {len(kept)} entries of {run_dir} that are not this "
+                    f"project's run outputs: {', '.join(sorted(kept)[:5])}"
+                )
         else:
             previous = json.loads(marker.read_text(encoding="utf-8"))
             changed = changed_settings(previous, record)
@@ -293,7 +351,7 @@ def test_and_report(
         print("no test cases (test_fraction = 0 and no test_raw_dir): testing skipped")
         return
     states = [load_checkpoint(path) for path in checkpoints]
-    _, summary, instance_summary = evaluate_checkpoint(
+    metrics, summary, instance_summary = evaluate_checkpoint(
         states,
         cases,
         run_dir,
@@ -301,8 +359,15 @@ def test_and_report(
         config.testing,
         progress,
     )
+    tested = metrics["case_id"].nunique()
+    if tested == 0:
+        raise TestFailedError(
+            f"none of the {len(cases)} test cases could be tested (each skipped case is named "
+            "above with its reason)"
+        )
+    skipped = f", {len(cases) - tested} skipped" if tested < len(cases) else ""
     print(
-        f"test on {len(cases)} cases with {model_name}, each segmented from its raw scan "
+        f"test on {tested} cases{skipped} with {model_name}, each segmented from its raw scan "
         "(metrics in the scan's own geometry):"
     )
     print(format_summary(summary))
@@ -468,18 +533,25 @@ def cross_validate(
 
 def main(argv: list[str] | None = None) -> int:
     args = driver_arguments(__doc__.splitlines()[0]).parse_args(argv)
+    config = None
     try:
-        return run(load_config(args.config, args.overrides))
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except NonFiniteLossError as err:
+        config = load_config(args.config, args.overrides)
+        return run(config)
+    except (ValueError, OSError, NonFiniteLossError, TestFailedError) as err:
+        # ConfigError, UnsafePathError and a bad checkpoint are ValueErrors; a missing,
+        # unreadable or unwritable file an OSError (which names it)
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        saved = config is not None and any(config.paths.output_dir.rglob("last.pt"))
         print(
-            "interrupted: the last finished epoch is saved in checkpoints/last.pt; "
-            "run the same command again to resume",
+            "interrupted: "
+            + (
+                "the last finished epoch is saved in checkpoints/last.pt; run the same "
+                "command again to resume"
+                if saved
+                else "no epoch had finished, so nothing was saved; run the command again"
+            ),
             file=sys.stderr,
         )
         return 130

@@ -29,6 +29,7 @@ IMAGE_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
 NAME_PATTERN = re.compile(r"(?P<patient>[A-Za-z0-9-]+)_(?P<sequence>[A-Za-z0-9_]+)")
 GEOMETRY_TOLERANCE = 1e-3  # relative, for spacing / direction; origin in mm (x spacing)
 MIN_BODY_VOXELS = 8  # a body smaller than 2 x 2 x 2 body-mask voxels is no body
+SPACING_RANGE_MM = (0.05, 20.0)  # a voxel size outside this is no MR scan's (a bad header)
 PREPROCESSING_VERSION = 2  # bump when the output of preprocess_case changes
 BODY_MASK_RESOLUTION_MM = 2.0  # the body mask (for the crop) is found at this coarse spacing
 NO_SHIFT = (0.0, 0.0, 0.0)  # grid_geometry's phase: the grid's edges on the region's
@@ -152,7 +153,33 @@ def read_scan(path: Path, what: str = "image") -> sitk.Image:
             f"{what} {path.name} has {image.GetNumberOfComponentsPerPixel()} components per "
             "pixel (vector/RGB), expected a scalar image"
         )
+    check_geometry(image, f"{what} {path.name}")
+    if what == "mask" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        array = sitk.GetArrayViewFromImage(image)
+        fractional = array[array != np.round(array)]
+        if fractional.size:
+            raise CaseError(
+                f"mask {path.name} holds {fractional.size} non-integer values (e.g. "
+                f"{float(fractional[0]):g}): a label mask holds whole numbers"
+            )
     return image
+
+
+def check_geometry(image: sitk.Image, what: str) -> None:
+    """CaseError unless the spacing is plausible for MR (SPACING_RANGE_MM, every axis) and the
+    direction matrix is orthonormal (a rotation, possibly with a flip)."""
+    spacing = np.array(image.GetSpacing())
+    low, high = SPACING_RANGE_MM
+    if not (np.isfinite(spacing).all() and (spacing >= low).all() and (spacing <= high).all()):
+        raise CaseError(
+            f"{what} has spacing {tuple(round(float(s), 4) for s in spacing)} mm: outside "
+            f"{low}-{high} mm, not an MR scan's (check the file's header)"
+        )
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not np.allclose(direction @ direction.T, np.eye(3), atol=1e-4):
+        raise CaseError(
+            f"{what} has a direction matrix that is not orthonormal: {direction.tolist()}"
+        )
 
 
 def check_same_geometry(image: sitk.Image, mask: sitk.Image) -> None:
@@ -539,8 +566,8 @@ def preprocess_case(
         present = [] if labels is None else np.unique(sitk.GetArrayViewFromImage(labels))
         row |= {
             "status": "ok",
-            "out_image": str(out_image),
-            "out_mask": "" if grid.mask is None else str(out_mask),
+            "out_image": out_image.relative_to(out_dir).as_posix(),  # the folder can move
+            "out_mask": "" if grid.mask is None else out_mask.relative_to(out_dir).as_posix(),
             "original_size": _vector(scan.GetSize()),
             "original_spacing": _vector(scan.GetSpacing()),
             "original_origin": _vector(scan.GetOrigin()),
