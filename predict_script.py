@@ -42,7 +42,7 @@ from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
 from store_plot_metrics import write_csv
 from test_unet import Predictor, check_same_plans, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
-from vertebraeseg import CaseError, read_scan, split_suffix
+from vertebraeseg import CaseError, check_geometry, read_scan, split_suffix
 
 
 def output_name(path: Path) -> str:
@@ -70,6 +70,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise CaseError(f"DICOM series in {folder} is unreadable ({str(err)[:160]})") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise CaseError(f"DICOM series in {folder} is not a 3-D scalar image")
+    check_geometry(image, f"DICOM series in {folder}")
     return image
 
 
@@ -174,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         names = output_names(inputs, output_name)
         checkpoint_inputs = [("checkpoint", path) for path in checkpoints]
         check_outputs(args.output_dir, names, OUTPUT_SUFFIXES, RUN_FILES, checkpoint_inputs)
-        device = pick_device(args.device)
     except UnsafePathError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_UNSAFE
+    try:
+        device = pick_device(args.device)
     except (ValueError, RuntimeError) as err:
         print(f"error: --device: {err}", file=sys.stderr)
         return 1
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             scan = read_input(path)
             segmentation = segment_scan(predictor, scan)
-        except (CaseError, OSError) as err:
+        except (CaseError, OSError, ValueError, RuntimeError) as err:  # reported, skipped
             tqdm.write(f"error: {path}: {err}")
             failed += 1
             continue

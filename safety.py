@@ -24,8 +24,9 @@ class UnsafePathError(ValueError):
 
 
 def resolved(path: Path) -> Path:
-    """The absolute path with every symlink resolved (the path need not exist)."""
-    return Path(path).expanduser().resolve()
+    """The absolute path with every symlink resolved (the path need not exist; a symlink loop
+    stays as it is, for the reader to report)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
 
 
 def inside(path: Path, folder: Path) -> bool:

@@ -201,8 +201,10 @@ class Predictor:
         testing = testing or testing_from_checkpoint(states[0])
         if testing.instances:
             instance_classes(tuple(plan["class_names"]))  # fail before any scan is read
+        models = tuple(model_from_checkpoint(state, device) for state in states)
+        check_plan_fits(plan, models)  # before any scan is read, not once per scan
         return cls(
-            tuple(model_from_checkpoint(state, device) for state in states),
+            models,
             plan,
             device,
             precision_from_checkpoint(states[0]),
@@ -210,6 +212,21 @@ class Predictor:
             min(window_batch_size(state) for state in states),
             inference_layout(states[0], device),
         )
+
+
+def check_plan_fits(plan: dict, models: tuple[nn.Module, ...]) -> None:
+    """ValueError unless every network takes the plan's input: the grid (grid mode) or the
+    patch (spacing mode), in (height, width, slices), a multiple of the network's divisor."""
+    key = "patch_size" if plan.get("mode") == "spacing" else "grid"
+    height, width, slices = plan[key]
+    for model in models:
+        divisor = model.divisor  # (slices, height, width)
+        if any(size % d for size, d in zip((slices, height, width), divisor, strict=True)):
+            raise ValueError(
+                f"the checkpoint's plan {key} {height}, {width}, {slices} (height, width, "
+                f"slices) does not fit its network, which needs multiples of "
+                f"{divisor[1]}, {divisor[2]}, {divisor[0]}: the checkpoint is inconsistent"
+            )
 
 
 def check_same_plans(states: list[dict], names: list[str] | None = None) -> None:

@@ -337,3 +337,36 @@ def test_interrupt_before_the_first_epoch_says_nothing_was_saved(tmp_path, monke
     monkeypatch.setattr(trainandtest_script, "run", interrupted)
     assert trainandtest_script.main(["--config", str(cfg)]) == 130
     assert "no epoch had finished, so nothing was saved" in capsys.readouterr().err
+
+
+def test_prediction_keeps_going_past_bad_scans(trained_run, tiny_raw, tmp_path, capsys):
+    """A symlink loop, a scan with a 100 mm voxel and a skewed direction are each named and
+    skipped; the good scan is segmented; exit status 1."""
+    good = _scan(tiny_raw)
+    loop = tmp_path / "loop.mha"
+    loop.symlink_to(tmp_path / "loop.mha")
+    image = sitk.ReadImage(str(good))
+    huge = tmp_path / "huge.mha"
+    image.SetSpacing((100.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(huge))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(_checkpoint(trained_run)), str(good), str(loop), str(huge)]
+    assert predict_script.main([*argv, "--output-dir", str(out)]) == 1
+    text = "".join(capsys.readouterr())
+    assert f"{loop} is a symlink to nothing (broken or looping)" in text
+    assert "huge.mha has spacing (100.0, 1.0, 1.0) mm" in text
+    assert sorted(p.name for p in out.glob("*.mha")) == [good.name]
+
+
+def test_a_checkpoint_whose_plan_does_not_fit_its_network_is_refused(
+    trained_run, tiny_raw, tmp_path, capsys
+):
+    state = load_checkpoint(_checkpoint(trained_run))
+    state["plan"] = dict(state["plan"], grid=[30, 16, 8])  # 30: no multiple of 4
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(state, bad)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(bad), str(_scan(tiny_raw)), "--output-dir", str(out)]
+    assert predict_script.main(argv) == 1
+    assert "grid 30, 16, 8 (height, width, slices) does not fit" in capsys.readouterr().err
+    assert not list(out.glob("*.mha"))

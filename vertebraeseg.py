@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,15 @@ def read_overview(raw_dir: Path) -> pd.DataFrame | None:
 
 
 def read_scan(path: Path, what: str = "image") -> sitk.Image:
-    """Read one 3-D scalar image; CaseError names the file and the problem."""
+    """Read one 3-D scalar image; CaseError names the file and the problem (missing, a
+    symlink to nothing, unreadable, not 3-D scalar, implausible geometry, a mask with
+    fractional values)."""
+    path = Path(path)
+    if not path.exists():
+        kind = "a symlink to nothing (broken or looping)" if path.is_symlink() else "missing"
+        raise CaseError(f"{what} {path} is {kind}")
+    if not os.access(path, os.R_OK):
+        raise CaseError(f"{what} {path} cannot be read (no permission)")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
