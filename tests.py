@@ -1,4 +1,5 @@
-"""The test suite: `python -m pytest tests.py` (fast: tiny grids and models, CPU only)."""
+"""The core test suite (fast: tiny grids and models, CPU only). `python -m pytest` runs it
+with the tests_*.py files; shared fixtures and helpers are in conftest.py."""
 
 from __future__ import annotations
 
