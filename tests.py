@@ -3052,6 +3052,12 @@ def test_optimizer_state_takes_the_parameters_layout_after_loading():
             saved = optimizer.state[saved_p][key]
             assert saved.abs().sum() > 0  # a moment worth copying
             assert torch.equal(resumed.state[p][key], saved), key  # same values, new layout
+        assert torch.equal(resumed.state[p]["step"], optimizer.state[saved_p]["step"])
+    # a parameter that never had a gradient has no state: nothing to match, no failure
+    frozen = torch.nn.Parameter(torch.zeros(2, 1, 1, 1, 1))
+    resumed.add_param_group({"params": [frozen]})
+    train.match_state_layout(resumed)
+    assert frozen not in resumed.state or not resumed.state[frozen]
 
 
 def _validate_on_two_ranks(rank: int, folder: str) -> None:

@@ -124,3 +124,15 @@ def test_preprocessing_writes_its_outputs_atomically(tmp_path, monkeypatch):
     assert row["status"] == "skipped" and "killed" in row["reason"]
     assert calls == [out / "images" / "1_t2.mha"]
     assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_mutation_testing_copies_every_module():
+    """mutmut runs the tests in a copy holding pyproject.toml's also_copy: a module missing
+    there fails every mutant's test run (docs/development.md)."""
+    import tomllib
+
+    from conftest import ROOT
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    modules = {p.name for p in ROOT.glob("*.py") if not p.name.startswith("tests")}
+    assert modules <= set(config["also_copy"]), sorted(modules - set(config["also_copy"]))

@@ -138,3 +138,15 @@ def test_spider_asd_and_dice_per_instance_against_scipy():
         maps = [ndimage.distance_transform_edt(~b, sampling=SPACING[::-1]) for b in borders]
         pooled = np.concatenate([maps[1][borders[0]], maps[0][borders[1]]])
         assert table.loc[label, "asd_mm"] == pytest.approx(pooled.mean(), rel=1e-6)
+
+
+def test_a_class_seen_once_on_one_side_scores_dice_zero_not_nan():
+    """Dice is NaN only for a class absent from both truth and prediction: one voxel predicted
+    where the truth has none gives 0."""
+    confusion = np.array([[5, 1, 0], [0, 3, 0], [0, 0, 0]])  # class 2 in neither
+    confusion[0, 1] = 0
+    confusion[0, 2] = 1  # one background voxel predicted as class 2
+    scores = scores_from_confusion(confusion)
+    assert scores["dice"][2] == 0.0
+    assert scores["dice"][1] == 1.0 and scores["f1_macro"] == pytest.approx((10 / 11 + 1) / 3)
+    assert np.isnan(scores_from_confusion(np.diag([4, 2, 0]))["dice"][2])

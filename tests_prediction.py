@@ -51,6 +51,8 @@ def test_small_components_are_removed_by_their_volume_in_mm3():
     # at 7 mm^3 the 8 mm^3 piece stays: the volume is in mm^3, not in voxels
     kept = sitk.GetArrayFromImage(remove_small_components(_labels(array), 7.0))
     assert kept[7, 10, 10] == 1 and kept[7, 15, 1] == 0
+    # "smaller than": a piece of exactly the limit stays
+    assert sitk.GetArrayFromImage(remove_small_components(_labels(array), 8.0))[7, 10, 10] == 1
     coarse = _labels(array, spacing=(1.0, 1.0, 2.0))  # 2 mm^3 voxels: 6 voxels are 12 mm^3
     assert sitk.GetArrayFromImage(remove_small_components(coarse, 10.0))[7, 15, 1] == 2
 
@@ -72,6 +74,12 @@ def test_labels_go_back_by_nearest_neighbour():
     one_hot = np.stack([grid_array == c for c in range(4)]).astype(np.float32)
     nearest = back_to_scan(one_hot, grid, scan, map_probabilities=False)
     assert np.array_equal(sitk.GetArrayFromImage(nearest), expected)
+    # a scan reaching beyond the grid (a crop): background there
+    wider = sitk.Image((8, 10, 8), sitk.sitkFloat32)  # two more slices than the grid covers
+    wider.SetSpacing(scan.GetSpacing())
+    wider.SetOrigin(scan.GetOrigin())
+    outside = sitk.GetArrayFromImage(labels_to_scan(grid + 1, wider))  # labels 1-4 inside
+    assert (outside[6:] == 0).all() and (outside[:6] > 0).all()
 
 
 def test_predict_script_labels_nearest_maps_the_grid_arg_max(trained_run, tiny_raw, tmp_path):
