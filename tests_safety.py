@@ -370,3 +370,12 @@ def test_a_checkpoint_whose_plan_does_not_fit_its_network_is_refused(
     assert predict_script.main(argv) == 1
     assert "grid 30, 16, 8 (height, width, slices) does not fit" in capsys.readouterr().err
     assert not list(out.glob("*.mha"))
+
+
+def test_training_refuses_an_output_folder_that_is_a_file(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a folder")
+    argv = ["--config", str(trained_run / "config.txt"), "--set", f"paths.output_dir={blocker}"]
+    assert trainandtest_script.main(argv) == 1
+    assert f"[paths] output_dir = {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"

@@ -30,6 +30,7 @@ import pandas as pd
 from config import Config, driver_arguments, load_config
 from devices import Distributed, configure_threads, pick_device
 from plan import check_complete, check_plan, make_plan, read_plan
+from safety import check_writable
 from spider_metrics import summarise_spider
 from store_plot_metrics import write_csv
 from test_unet import evaluate_checkpoint, summarise
@@ -252,6 +253,7 @@ def run(config: Config, progress: bool | None = None) -> int:
     one line per epoch without bars)."""
     if progress is None:
         progress = sys.stderr.isatty()
+    check_writable(config.paths.output_dir, "[paths] output_dir =")  # before any training
     if config.training.folds:
         return run_folds(config, progress)
     if config.training.members > 1:
