@@ -65,9 +65,11 @@ def _surface_distances(surface: sitk.Image, other: sitk.Image) -> np.ndarray:
 def overlap_and_distances(pred: sitk.Image, ref: sitk.Image) -> dict[str, float]:
     """Dice, HD95 (mm) and ASSD (mm) of two binary uint8 masks with the same geometry.
 
-    Surfaces are the masks' boundary voxels (sitk.LabelContour); a surface voxel's distance is
-    the absolute signed Maurer distance to the other mask's boundary, in mm. HD95 is the larger
-    of the two directed 95th percentiles; ASSD averages both directions together.
+    Surfaces are the masks' boundary voxels (sitk.LabelContour: a voxel with a background face
+    neighbour); a surface voxel's distance is the absolute signed Maurer distance to the other
+    mask's boundary (a voxel with any background neighbour, as the Maurer map takes it), mm.
+    HD95 is the larger of the two directed 95th percentiles; ASSD averages both directions
+    together.
     Both empty: dice 1, distances 0. Exactly one empty: dice 0, distances NaN (undefined).
     """
     pred_array = sitk.GetArrayViewFromImage(pred) > 0

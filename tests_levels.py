@@ -73,3 +73,37 @@ def test_the_gap_rule_rounds_to_the_nearest_level():
     for step, number in ((3.4, 3), (2.4, 2), (1.6, 2), (4.6, 3), (5.4, 4)):
         numbers, _, _ = number_levels({1: h, 3: h + step * h}, {11: 0.0})
         assert numbers[3] == number, step  # half-level 2 + the nearest even count
+
+
+def test_numbers_are_integers_and_one_kind_alone_still_counts():
+    h = HALF_LEVEL_MM
+    numbers, disc_numbers, _ = number_levels({1: h, 2: 3 * h}, {11: 0.0, 12: 2 * h})
+    assert all(type(n) is int for n in [*numbers.values(), *disc_numbers.values()])
+    # vertebrae alone, 2 H apart (H is then half their median distance): L5, L4, L3
+    numbers, discs, notes = number_levels({1: 0.0, 2: 2 * h, 3: 4 * h}, {})
+    assert numbers == {1: 1, 2: 2, 3: 3} and discs == {}
+    assert notes == ["no disc found: vertebrae counted upward from the lowest as L5"]
+    # discs alone with a missing disc between: numbered across the gap, no gap note without
+    # vertebrae to place it
+    numbers, discs, notes = number_levels({}, {11: 0.0, 12: 2 * h, 13: 4 * h, 14: 8 * h})
+    assert discs == {11: 1, 12: 2, 13: 3, 14: 5}
+    assert notes == ["no vertebra found: discs counted upward from the lowest as L5/S1"]
+
+
+def test_a_gap_above_a_lowest_vertebra_is_named():
+    """No L5/S1 disc: the lowest vertebra is L5, and a missing L4 above it is noted by name."""
+    h = HALF_LEVEL_MM
+    numbers, discs, notes = number_levels({1: 0.0, 3: 4 * h}, {12: h, 13: 5 * h})
+    assert numbers == {1: 1, 3: 3} and discs == {12: 2, 13: 4}
+    assert notes[1] == "not found between L4/L5 disc and L3: L4, L3/L4 disc"
+
+
+def test_disc_pieces_beyond_the_column_and_beside_a_single_structure():
+    h = HALF_LEVEL_MM
+    vertebrae, discs = {1: h, 2: 3 * h}, {11: 0.0, 12: 2 * h}
+    # a piece 1.9 H above the top vertebra (L4): nearest the L3/L4 disc (2 H would be L3)
+    assert number_levels(vertebrae, discs, {20: 3 * h + 0.9 * h})[1][20] == 3
+    assert number_levels(vertebrae, discs, {21: 3 * h + 3.1 * h})[1][21] == 4  # L2/L3
+    # one structure only: no scale, the piece takes the lowest disc number the column allows
+    assert number_levels({}, {11: 0.0}, {22: 3 * h})[1] == {11: 1, 22: 1}
+    assert number_levels({1: 0.0}, {}, {23: 3 * h})[1] == {23: 1}

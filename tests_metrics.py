@@ -15,6 +15,7 @@ from test_unet import case_metrics, overlap_and_distances
 
 SPACING = (0.5, 1.0, 2.0)  # x, y, z in mm: every axis different, so a swapped axis shows
 FACES = ndimage.generate_binary_structure(3, 1)
+FULL = ndimage.generate_binary_structure(3, 3)
 
 
 def _image(array: np.ndarray, spacing=SPACING) -> sitk.Image:
@@ -30,8 +31,11 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 def _directed(from_mask: np.ndarray, to_mask: np.ndarray) -> np.ndarray:
     """Distances (mm, voxel centre to voxel centre) from each surface voxel of `from_mask` to
-    the nearest surface voxel of `to_mask`, by scipy's exact Euclidean distance transform."""
-    distance = ndimage.distance_transform_edt(~_surface(to_mask), sampling=SPACING[::-1])
+    the nearest boundary voxel of `to_mask`, by scipy's exact Euclidean distance transform.
+    The boundary distances are measured to is the full-connectivity one (a voxel with any
+    background neighbour), as ITK's signed Maurer distance map takes it."""
+    boundary = to_mask & ~ndimage.binary_erosion(to_mask, FULL, border_value=0)
+    distance = ndimage.distance_transform_edt(~boundary, sampling=SPACING[::-1])
     return distance[_surface(from_mask)]
 
 
@@ -150,3 +154,67 @@ def test_a_class_seen_once_on_one_side_scores_dice_zero_not_nan():
     assert scores["dice"][2] == 0.0
     assert scores["dice"][1] == 1.0 and scores["f1_macro"] == pytest.approx((10 / 11 + 1) / 3)
     assert np.isnan(scores_from_confusion(np.diag([4, 2, 0]))["dice"][2])
+
+
+def test_surfaces_are_face_connected_boundaries_of_any_shape():
+    """A ball (not a box, where every boundary definition agrees) shifted against another: the
+    surface is the voxels with a background face neighbour; a one-voxel reference works too;
+    one empty mask gives NaN distances."""
+    z, y, x = np.mgrid[:24, :24, :24]
+    reference = (z - 12) ** 2 + (y - 11.5) ** 2 + (x - 12.3) ** 2 <= 49
+    prediction = (z - 12) ** 2 + (y - 12.5) ** 2 + (x - 13.3) ** 2 <= 56
+    scores = overlap_and_distances(_image(prediction), _image(reference))
+    forward, backward = _directed(prediction, reference), _directed(reference, prediction)
+    expected = max(np.percentile(forward, 95), np.percentile(backward, 95))
+    assert scores["hd95_mm"] == pytest.approx(expected, rel=1e-6)
+    assert scores["assd_mm"] == pytest.approx(np.concatenate([forward, backward]).mean())
+    dot = np.zeros_like(reference)
+    dot[12, 12, 12] = True
+    one = overlap_and_distances(_image(prediction), _image(dot))
+    distances = _directed(prediction, dot)
+    assert one["hd95_mm"] == pytest.approx(max(np.percentile(distances, 95), 0.0))
+    empty = overlap_and_distances(_image(prediction), _image(np.zeros_like(dot)))
+    assert empty["dice"] == 0 and np.isnan(empty["hd95_mm"]) and np.isnan(empty["assd_mm"])
+
+
+def test_case_metrics_of_a_class_absent_from_both():
+    reference = np.zeros((4, 6, 6), np.uint8)
+    reference[1:3, 1:4, 1:4] = 1
+    rows = case_metrics(_image(reference), _image(reference), ("bg", "a", "b"))
+    assert rows[1] == {
+        "class": "b",
+        "dice": 1.0,
+        "hd95_mm": 0.0,
+        "assd_mm": 0.0,
+        "reference_voxels": 0,
+        "predicted_voxels": 0,
+    }
+
+
+def test_spider_borders_reach_the_edge_of_the_array():
+    """Instances touching the first and last voxels of the array: outside counts as
+    background, so their faces there are border voxels, and the ASD is scipy's."""
+    full = ndimage.generate_binary_structure(3, 3)
+    reference = np.zeros((8, 12, 12), np.uint16)
+    reference[0:4, 0:6, 0:12] = 1
+    prediction = np.zeros_like(reference)
+    prediction[0:5, 0:7, 0:12] = 1
+    table = spider_instances(_image(reference), _image(prediction)).set_index("label")
+    r, p = reference == 1, prediction == 1
+    borders = [m & ~ndimage.binary_erosion(m, full, border_value=0) for m in (r, p)]
+    maps = [ndimage.distance_transform_edt(~b, sampling=SPACING[::-1]) for b in borders]
+    pooled = np.concatenate([maps[1][borders[0]], maps[0][borders[1]]])
+    assert table.loc[1, "asd_mm"] == pytest.approx(pooled.mean(), rel=1e-6)
+
+
+def test_spider_labels_must_not_be_negative_and_partial_vertebrae_share_the_level():
+    from spider_metrics import _level_key
+
+    signed = np.zeros((4, 6, 6), np.int16)
+    signed[1:3, 1:4, 1:4] = 1
+    assert len(spider_instances(_image(signed), _image(signed))) == 1  # signed, 0 and up: fine
+    signed[0, 0, 0] = -1
+    image = sitk.GetImageFromArray(signed)
+    with pytest.raises(ValueError, match="reference mask has negative label -1"):
+        spider_instances(image, image)
+    assert [_level_key(v) for v in (100, 101, 125, 126, 201)] == [100, 1, 25, 126, 201]

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from config import PreprocessingConfig
 from synthetic_spine import PIR_DIRECTION
-from vertebraeseg import grid_to_scan, labels_to_scan, normalise, to_grid
+from vertebraeseg import grid_to_scan, labels_to_scan, normalise, predictions_to_scan, to_grid
 
 CLIP = (0.5, 99.5)
 PADDING = -1000.0
@@ -130,3 +130,55 @@ def test_a_ball_goes_to_the_grid_and_back_in_place(way_back):
     direction = np.abs(np.array(scan.GetDirection()).reshape(3, 3))
     grid_voxel = direction @ np.array(case.image.GetSpacing())  # along L-R, A-P, S-I
     assert (shift < fraction * grid_voxel).all(), (shift, grid_voxel)
+
+
+def test_zscore_holds_for_any_intensity_scale_and_bad_images_are_named():
+    """The same image scaled to 0..1 (a standard deviation below 1) normalises the same; NaN,
+    constant and all-padding images raise CaseError with the reason."""
+    from vertebraeseg import CaseError
+
+    image, body, padding = _scan_with_a_body()
+    small = sitk.Cast(image, sitk.sitkFloat32) / 1000.0  # padding becomes -1
+    out = sitk.GetArrayFromImage(normalise(small, "zscore", CLIP, -1.0))
+    assert out[body].std() == pytest.approx(1.0, rel=1e-3)
+    reference = sitk.GetArrayFromImage(normalise(image, "zscore", CLIP, PADDING))
+    np.testing.assert_allclose(out, reference, atol=1e-3)
+    array = sitk.GetArrayFromImage(image)
+    array[0, 5, 5] = np.nan
+    with pytest.raises(CaseError, match="image holds 1 NaN/inf intensities"):
+        normalise(sitk.GetImageFromArray(array), "zscore", CLIP, PADDING)
+    with pytest.raises(CaseError, match="image is constant"):
+        normalise(sitk.GetImageFromArray(np.full((4, 5, 6), 7.0)), "minmax", CLIP, PADDING)
+    with pytest.raises(CaseError, match="every voxel is padding"):
+        normalise(sitk.GetImageFromArray(np.full((4, 5, 6), -1000.0)), "zscore", CLIP, PADDING)
+
+
+def test_a_shifted_grid_moves_by_its_phase_in_grid_voxels():
+    from vertebraeseg import grid_geometry
+
+    scan = _pir_scan(size=(40, 60, 10), spacing=(0.7, 0.6, 3.3))
+    size, spacing, origin = grid_geometry(scan, (24, 16, 5))
+    phase = (0.5, 0.25, 0.0)
+    _, same_spacing, moved = grid_geometry(scan, (24, 16, 5), phase)
+    direction = np.array(scan.GetDirection()).reshape(3, 3)
+    expected = np.array(origin) + direction @ (np.array(phase) * np.array(spacing))
+    assert same_spacing == spacing and np.allclose(moved, expected)
+
+
+def test_the_way_back_gives_uint8_classes_background_outside_and_ties_to_the_lower_class():
+    """Probabilities on a grid that covers part of the scan: the rest is background; where two
+    classes tie, the lower one wins (as numpy's argmax)."""
+    grid = sitk.Image((4, 4, 2), sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    grid.SetOrigin((0.5, 0.5, 0.5))  # covers scan voxels 0-7 in x and y, 0-3 in z
+    scan = sitk.Image((8, 8, 6), sitk.sitkFloat32)  # z 4-5 lie beyond the grid
+    probabilities = np.zeros((3, 2, 4, 4), np.float32)
+    probabilities[2] = 1.0  # class 2 everywhere on the grid ...
+    probabilities[:, :, :, :2] = 0.0
+    probabilities[1, :, :, :2] = 0.5  # ... but a tie of classes 0 and 1 in x < 4
+    probabilities[0, :, :, :2] = 0.5
+    labels = predictions_to_scan([(probabilities, grid)], scan)
+    array = sitk.GetArrayFromImage(labels)
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    assert (array[4:] == 0).all()  # beyond the grid: background
+    assert (array[:4, :, 5:] == 2).all() and (array[:4, :, :3] == 0).all()

@@ -120,6 +120,8 @@ def test_clean_up_deletes_only_the_projects_own_temporaries(tmp_path):
     (folder / "images").mkdir(parents=True)
     ours = folder / "images" / ".spineseg.1_t2.mha.4242.tmp.mha"
     ours.write_bytes(b"half")
+    also_ours = folder / ".spineseg.manifest.csv.77.tmp.csv"
+    also_ours.write_bytes(b"half")
     theirs = [
         folder / ".notes.tmp.txt",
         folder / "images" / ".1_t2.mha.4242.tmp.mha",  # no project prefix
@@ -129,8 +131,10 @@ def test_clean_up_deletes_only_the_projects_own_temporaries(tmp_path):
     for path in theirs:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("keep")
-    assert remove_stale_temporaries([folder, folder / "images"]) == [ours]
-    assert not ours.exists() and all(path.read_text() == "keep" for path in theirs)
+    removed = remove_stale_temporaries([folder, folder / "images"])
+    assert sorted(removed) == sorted([ours, also_ours])
+    assert not ours.exists() and not also_ours.exists()
+    assert all(path.read_text() == "keep" for path in theirs)
 
 
 def test_overwrite_removes_only_the_runs_own_outputs(trained_run, tmp_path, capsys):
