@@ -15,4 +15,7 @@ mutmut run --max-children "${MUTMUT_CHILDREN:-2}" \
     "vertebraeseg.x_grid_geometry*" "vertebraeseg.x_predictions_to_scan*" \
     "vertebraeseg.x_labels_to_scan*" \
     "test_unet.x_overlap_and_distances*" "test_unet.x__surface_distances*" \
-    "test_unet.x_remove_small_components*" "test_unet.x_case_metrics*"
+    "test_unet.x_remove_small_components*" "test_unet.x_case_metrics*" \
+    "steps.xǁSegmentationLossǁ*" \
+    "measure.x_measure_levels*" "measure.x__height*" "measure.x__thin_axis*" \
+    "measure.x__canal_at*" "measure.xǁ_Frameǁ*"

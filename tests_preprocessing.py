@@ -182,3 +182,10 @@ def test_the_way_back_gives_uint8_classes_background_outside_and_ties_to_the_low
     assert labels.GetPixelID() == sitk.sitkUInt8
     assert (array[4:] == 0).all()  # beyond the grid: background
     assert (array[:4, :, 5:] == 2).all() and (array[:4, :, :3] == 0).all()
+    # two grids' probabilities are summed per class before the arg-max (tta_shift's way)
+    sure = np.zeros_like(probabilities)
+    sure[1] = 1.0  # the first grid: class 1 everywhere
+    leaning = np.zeros_like(probabilities)
+    leaning[1], leaning[2] = 0.4, 0.6  # the second: class 2, barely
+    both = sitk.GetArrayFromImage(predictions_to_scan([(sure, grid), (leaning, grid)], scan))
+    assert (both[:4] == 1).all()

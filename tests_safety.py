@@ -120,7 +120,7 @@ def test_clean_up_deletes_only_the_projects_own_temporaries(tmp_path):
     (folder / "images").mkdir(parents=True)
     ours = folder / "images" / ".spineseg.1_t2.mha.4242.tmp.mha"
     ours.write_bytes(b"half")
-    also_ours = folder / ".spineseg.manifest.csv.77.tmp.csv"
+    also_ours = folder / "images" / ".spineseg.2_t2.mha.77.tmp.mha"
     also_ours.write_bytes(b"half")
     theirs = [
         folder / ".notes.tmp.txt",
