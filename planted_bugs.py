@@ -160,7 +160,7 @@ def main(names: list[str]) -> int:
     survived = 0
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "project"
-        ignore = shutil.ignore_patterns(".git", "mutants", "demo_data", "runs", "__pycache__")
+        ignore = shutil.ignore_patterns(".*", "mutants", "demo_data", "runs", "__pycache__")
         shutil.copytree(HERE, copy, ignore=ignore)
         for name, module, old, new in BUGS:
             if names and name not in names:

@@ -212,7 +212,9 @@ def test_spider_labels_must_not_be_negative_and_partial_vertebrae_share_the_leve
 
     signed = np.zeros((4, 6, 6), np.int16)
     signed[1:3, 1:4, 1:4] = 1
-    assert len(spider_instances(_image(signed), _image(signed))) == 1  # signed, 0 and up: fine
+    fine = sitk.GetImageFromArray(signed)  # signed, from 0 up: a valid mask
+    assert fine.GetPixelID() == sitk.sitkInt16
+    assert len(spider_instances(fine, fine)) == 1
     signed[0, 0, 0] = -1
     image = sitk.GetImageFromArray(signed)
     with pytest.raises(ValueError, match="reference mask has negative label -1"):
