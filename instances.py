@@ -132,7 +132,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from config import ConfigError, driver_arguments, load_config
-from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
+from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, interruptible, output_names
 from store_plot_metrics import write_csv
 from vertebraeseg import CaseError, atomic_write_image, read_scan, split_suffix
 
@@ -994,4 +994,4 @@ def output_stem(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main))

@@ -36,7 +36,7 @@ from instances import (
     write_instances,
 )
 from measure import flag_line
-from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
+from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, interruptible, output_names
 from vertebraeseg import CaseError, check_same_geometry, map_labels, read_scan
 
 SPIDER_VALUES = {0, 100} | set(range(1, 26)) | set(range(101, 126)) | set(range(201, 226))
@@ -144,4 +144,4 @@ KIND_WORDS = {
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main))

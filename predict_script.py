@@ -38,7 +38,7 @@ from tqdm import tqdm
 from devices import configure_threads, pick_device
 from instances import REPORT_SUFFIXES, level_note
 from measure import flag_line
-from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, output_names
+from safety import EXIT_UNSAFE, UnsafePathError, check_outputs, interruptible, output_names
 from store_plot_metrics import write_csv
 from test_unet import Predictor, check_same_plans, segment_scan, testing_from_checkpoint
 from train import load_checkpoint
@@ -232,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible(main))

@@ -69,6 +69,7 @@ def preprocess_dataset(
     Up-to-date cases are reused, not recomputed. Raw files are only read.
     """
     cases, problems = discover_cases(raw_dir, sequences, require_masks)
+    overview = read_overview(raw_dir)  # a bad overview.csv is named before any work
     if not cases and not problems:
         raise ConfigError(f"{raw_dir / 'images'} holds no image: nothing to preprocess")
     remove_stale_temporaries([out_dir] + [out_dir / sub for sub in OUTPUT_FOLDERS])
@@ -94,7 +95,6 @@ def preprocess_dataset(
                 bar.update()
     bar.close()
     manifest = pd.DataFrame(rows).sort_values("case_id", kind="stable").reset_index(drop=True)
-    overview = read_overview(raw_dir)
     if overview is not None:
         known = set(overview["new_file_name"].astype(str))
         manifest["in_overview"] = manifest["case_id"].isin(known)

@@ -13,6 +13,7 @@ checked when it loads (config.ConfigError).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -108,3 +109,13 @@ def check_writable(folder: Path, what: str) -> None:
         raise UnsafePathError(f"{what} {folder} cannot be made: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UnsafePathError(f"{what} {folder} cannot be written (no permission on {existing})")
+
+
+def interruptible(main: Callable[[], int]) -> int:
+    """A command-line driver's main(), with Ctrl-C as one line and status 130 (what it wrote so
+    far is complete: every output is atomic)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("interrupted: the outputs written so far are complete; run again", file=sys.stderr)
+        return 130

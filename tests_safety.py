@@ -383,3 +383,24 @@ def test_training_refuses_an_output_folder_that_is_a_file(trained_run, tmp_path,
     assert trainandtest_script.main(argv) == 1
     assert f"[paths] output_dir = {blocker} is a file, not a folder" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_bad_overview_csv_is_named_before_any_case_is_processed(tiny_raw, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    (raw / "overview.csv").write_bytes(b"")  # empty: no columns
+    cfg = write_config(tmp_path, raw)
+    assert preprocess_script.main(["--config", str(cfg)]) == 1
+    assert f"{raw / 'overview.csv'} is not a readable CSV" in capsys.readouterr().err
+    assert not (tmp_path / "pre" / "images").exists()
+
+
+def test_ctrl_c_in_a_command_line_driver_is_one_line(capsys):
+    from safety import interruptible
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert interruptible(interrupted) == 130
+    assert capsys.readouterr().err.startswith("interrupted: ")
+    assert interruptible(lambda: 3) == 3

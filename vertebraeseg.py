@@ -133,7 +133,11 @@ def read_overview(raw_dir: Path) -> pd.DataFrame | None:
     path = Path(raw_dir) / "overview.csv"
     if not path.is_file():
         return None
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable CSV ({first})") from None
     if "new_file_name" not in table.columns:
         raise ValueError(f"{path}: no new_file_name column (SPIDER overview layout)")
     return table
