@@ -20,7 +20,10 @@ numbering: 1 = L5 upward, 201 = L5/S1 upward, 100 canal) and DIR/<input name>_in
 why the level names may be wrong, which the scan's printed line repeats).
 The scan is preprocessed by the plan stored in the checkpoint (never the current configuration
 file), through the same function the test loop uses. A bad input is reported with its reason
-and skipped; the exit status is 0 when every input was segmented, else 1.
+and skipped; the exit status is 0 when every input was segmented, else 1 (a skipped input, a
+bad checkpoint or value), 2 when an output would overwrite an input or a checkpoint, two
+inputs would share an output name, or the output folder cannot be written: all checked before
+any model loads (safety.py), 130 interrupted.
 """
 
 from __future__ import annotations
